@@ -23,7 +23,7 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _rng(generator: torch.Generator | None) -> np.random.Generator:
+def numpy_rng(generator: torch.Generator | None) -> np.random.Generator:
     # λ needs a Beta draw, which torch cannot take from a Generator; seed numpy from the torch stream
     # instead, so that a seeded generator (or the global torch RNG a checkpoint restores) replays exactly.
     seed = torch.randint(0, 2**62, (1,), generator=generator).item()
@@ -71,7 +71,7 @@ def token_cutmix(
     if h % ph or w % pw:
         raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {ph}x{pw}")
     gh, gw = h // ph, w // pw
-    rng = _rng(generator)
+    rng = numpy_rng(generator)
     partner = torch.arange(b - 1, -1, -1, device=images.device)
 
     if mode == "batch":

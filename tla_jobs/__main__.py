@@ -1,0 +1,5 @@
+"""`python -m tla_jobs` is the `tla` command."""
+
+from tla_jobs.cli import main
+
+main()

@@ -1,0 +1,78 @@
+"""Trainer options generated once from TrainConfig, for `tla train` and `tla submit train`.
+
+Typer builds a command from its function's signature; giving a wrapper a signature made of one
+typer.Option per TrainConfig field keeps the two commands (and the config's own defaults and
+help texts) from drifting apart.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+import typing
+
+import typer
+
+from tla_jobs.train.config import TrainConfig
+
+HIDDEN = {"run_dir", "step_delay"}
+HELP = {
+    "model": "timm model name (deit_tiny_patch16_224, deit_small_distilled_patch16_224, swin_tiny_patch4_window7_224, "
+             "or the small tla_vit_nano / tla_vit_micro / tla_swin_micro).",
+    "dataset": "imagefolder (DATA/train/CLASS/*, DATA/val/CLASS/*) or a bundled one: fashion-mnist, digits "
+               "(prepared into --data-path on first use).",
+    "tl_align": "Token-Label Alignment on (default) or off (DeiT's baseline: mixup 0.8 + CutMix 1.0, EMA on).",
+    "fused": "Compute Ā·w inside the fused attention kernel (default) or with an explicit attention matrix.",
+    "amp": "Mixed precision: auto (bf16 on GPU, off on CPU), bf16, fp16, off.",
+    "resume": "Checkpoint to start from; by default the run resumes from its own newest good checkpoint.",
+    "eval_only": "Evaluate --resume CKPT on the val split and write eval.json.",
+    "output_dir": "Run directory: checkpoints, metrics.jsonl, heartbeat.json, logs.",
+    "data_path": "Dataset root (holds train/ and val/).",
+}
+
+
+def _annotation(ann):
+    """Typer-friendly type for a pydantic annotation: Literal → str (pydantic checks the value)."""
+    origin = typing.get_origin(ann)
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    if origin is typing.Literal:
+        return str
+    if origin in (typing.Union, types.UnionType) and args:
+        inner = _annotation(args[0])
+        return typing.Optional[inner]  # noqa: UP045 (typer inspects typing.Optional)
+    return ann
+
+
+def train_parameters() -> list[inspect.Parameter]:
+    params = []
+    for name, field in TrainConfig.model_fields.items():
+        ann = _annotation(field.annotation)
+        flag = "--" + name.replace("_", "-")
+        base = typing.get_args(ann)[0] if typing.get_origin(ann) is typing.Union else ann
+        decls = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag]
+        help_text = HELP.get(name) or field.description or ""
+        choices = typing.get_args(field.annotation)
+        if typing.get_origin(field.annotation) is typing.Literal:
+            help_text = f"{help_text} One of: {', '.join(choices)}.".strip()
+        option = typer.Option(field.default, *decls, help=help_text, hidden=name in HIDDEN, show_default=True,
+                              rich_help_panel="Trainer options")
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=ann))
+    return params
+
+
+def with_train_options(fn):
+    """Append the trainer options to ``fn``'s own; ``fn`` receives them as ``train_kwargs``."""
+    own = [p for p in inspect.signature(fn).parameters.values() if p.name != "train_kwargs"]
+    names = set(TrainConfig.model_fields)
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        train_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        return fn(**kwargs, train_kwargs=train_kwargs)
+
+    wrapper.__signature__ = inspect.Signature(
+        [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + train_parameters()
+    )
+    del wrapper.__wrapped__  # inspect.signature must see the new signature, not fn's
+    return wrapper

@@ -1,0 +1,51 @@
+"""The layout of a run directory: the one place that names its files.
+
+The trainer writes (rank 0 only, except per-rank logs) and `tla` reads; neither needs the other
+running. Everything here is plain JSON/JSONL, readable by any shell on any later day.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+RUN_JSON = "run.json"  # spec, profile, code version, submissions (written by `tla`)
+METRICS = "metrics.jsonl"  # one line per finished epoch (rewritten from the checkpoint on resume)
+HEARTBEAT = "heartbeat.json"  # the trainer's latest position, updated while it runs
+ATTEMPTS = "attempts.jsonl"  # one line when an attempt starts and one when it ends
+SUMMARY = "summary.json"  # written when training finishes
+EVAL = "eval.json"  # written by --eval-only
+EVALS_DIR = "evals"  # eval jobs of `tla eval checkpoint`, one JSON each
+SUBMITIT_DIR = "submitit"  # submitit's folder: pickles, sbatch scripts, per-task logs
+LOG_PATTERN = "log_rank{rank}.txt"
+
+EXIT_INTERRUPTED = 75  # the trainer checkpointed on a signal and stopped; resuming continues the run
+
+
+def job_identity() -> dict:
+    """Who is running this attempt: SLURM job/array ids and restart count, or the local job id."""
+    env = os.environ
+    job_id = env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID") or ""
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}"
+    return {
+        "job_id": job_id,
+        "restart_count": int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "executor": "slurm" if env.get("SLURM_JOB_ID") else ("local" if env.get("SUBMITIT_LOCAL_JOB_ID") else "shell"),
+    }
+
+
+def append_event(path: str | Path, event: dict) -> None:
+    """Append one JSON line; a single write() of a short line with O_APPEND does not interleave."""
+    line = json.dumps({"time": time.time(), **event}, default=str) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,105 @@
+"""The trainer's configuration: the DeiT recipe with TL-Align's changes as defaults.
+
+Validated with pydantic (unknown keys are errors) and free of torch, so the CLI can build,
+store and show it without importing the training stack. It is stored in run.json and in every
+checkpoint, which is how a resumed run or an eval job knows what it is continuing.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DATASETS = ("imagefolder", "fashion-mnist", "digits")
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # what to train, on what
+    model: str = "deit_small_patch16_224"
+    dataset: Literal["imagefolder", "fashion-mnist", "digits"] = "imagefolder"
+    data_path: str = ""
+    output_dir: str = ""
+    img_size: int | None = Field(None, gt=0, description="input size; default: the model's own")
+    num_classes: int | None = Field(None, gt=0, description="default: the number of class folders")
+
+    # TL-Align and mixing
+    tl_align: bool = True
+    fused: bool = True
+    mixup: float | None = Field(None, ge=0, description="mixup alpha; default 0.0 with TL-Align, 0.8 without")
+    cutmix: float = Field(1.0, ge=0)
+    cutmix_grid: bool | None = Field(None, description="snap CutMix to the patch grid; default: on with TL-Align")
+    mix_mode: Literal["batch", "elem"] = "batch"
+    mixup_switch_prob: float = Field(0.5, ge=0, le=1)
+    smoothing: float = Field(0.1, ge=0, lt=1)
+
+    # optimisation (DeiT)
+    epochs: int = Field(300, gt=0)
+    batch_size: int = Field(64, gt=0, description="per process")
+    lr: float | None = Field(None, gt=0, description="default 5e-4 x global batch / 512")
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_epochs: int = Field(5, ge=0)
+    cooldown_epochs: int = Field(10, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    opt_eps: float = 1e-8
+    clip_grad: float | None = None
+    drop_path: float = Field(0.1, ge=0, lt=1)
+
+    # augmentation (DeiT)
+    aa: str | None = "rand-m9-mstd0.5-inc1"
+    reprob: float = Field(0.25, ge=0, le=1)
+    repeated_aug: bool = True
+    color_jitter: float = 0.4
+    interpolation: str = "bicubic"
+    crop_scale: float = Field(0.08, gt=0, le=1, description="smallest area share of RandomResizedCrop")
+
+    # model EMA: DeiT's baseline keeps it, TL-Align's recipe turns it off
+    model_ema: bool | None = None
+    model_ema_decay: float = 0.99996
+
+    # run mechanics
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    seed: int = 0
+    workers: int = Field(4, ge=0)
+    dist_eval: bool = False
+    resume: str = ""
+    eval_only: bool = False
+    checkpoint_every_min: float = Field(10.0, ge=0, description="0 = only at epoch ends")
+    checkpoint_every_epochs: int = Field(20, ge=0, description="keep checkpoint_epoch{N}.pth every N; 0 = never")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (smoke runs)")
+    run_dir: str = Field("", description="the run directory of `tla` jobs, for attempt records")
+    step_delay: float = Field(0.0, ge=0, description="sleep after each step (tests that must catch a run mid-epoch)")
+
+    @field_validator("aa")
+    @classmethod
+    def _aa(cls, v: str | None) -> str | None:
+        if v is None or v.lower() in ("", "none", "off"):
+            return None
+        if not v.startswith(("rand", "augmix", "trivial", "v0", "original", "3a")):
+            raise ValueError(f"unknown auto-augment policy {v!r} (e.g. rand-m9-mstd0.5-inc1, none)")
+        return v
+
+    @model_validator(mode="after")
+    def _recipe_defaults(self) -> TrainConfig:
+        if self.mixup is None:
+            self.mixup = 0.0 if self.tl_align else 0.8
+        if self.cutmix_grid is None:
+            self.cutmix_grid = self.tl_align
+        if self.model_ema is None:
+            self.model_ema = not self.tl_align
+        if self.tl_align and self.cutmix > 0 and not self.cutmix_grid:
+            raise ValueError("TL-Align needs CutMix on the patch grid (--cutmix-grid)")
+        return self
+
+    def mixing(self) -> str:
+        """A short name of the label scheme, for reports."""
+        if self.tl_align:
+            return "tl-align"
+        if self.mixup == 0 and self.cutmix == 0:
+            return "none"
+        if self.cutmix_grid and self.mixup == 0:
+            return "grid-cutmix"
+        return "mixup+cutmix" if self.mixup and self.cutmix else ("mixup" if self.mixup else "cutmix")

@@ -1,0 +1,46 @@
+"""SIGUSR2 / SIGTERM: finish the current step, write a checkpoint, stop.
+
+SLURM sends SIGTERM on `scontrol requeue` and on preemption (then SIGKILL after KillWait or
+GraceTime); submitit's time-limit and preemption signal is SIGUSR2 (`--signal=USR2@delay`). A
+checkpoint written from inside a signal handler could catch the optimizer half-way through a
+step, so the handler only records the signal and the training loop acts on it at the next step
+boundary. submitit's own USR2 handler (which requeues the job) is kept and called after the
+checkpoint is on disk.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+
+class StopSignals:
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.previous: dict[int, object] = {}
+
+    def _handler(self, signum, _frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def install(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGUSR2, signal.SIGTERM):
+                self.previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handler)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+    def submitit_requeue(self) -> bool:
+        """Hand SIGUSR2 to submitit's handler, which requeues the job (and exits) on rank 0.
+        Returns False when no submitit handler was installed (a plain shell or torchrun)."""
+        handler = self.previous.get(signal.SIGUSR2)
+        owner = getattr(handler, "__self__", None)
+        if owner is None or type(owner).__module__.split(".")[0] != "submitit":
+            return False
+        self.restore()
+        handler(signal.SIGUSR2, None)
+        return True
