@@ -106,11 +106,11 @@ def test_sigkill_at_random_steps_then_resume_is_exact(digits, tmp_path):
     for _ in range(3):
         proc = subprocess.Popen([*TLA, "train", *map(str, args), "--output-dir", str(killed)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        target = rng.randint(8, 80)  # a global step to kill at
+        target = rng.randint(8, 80)  # a global step to kill at (heartbeats come every 2 s, so later)
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline:
             beat = json.loads((killed / "heartbeat.json").read_text()) if (killed / "heartbeat.json").exists() else {}
-            if beat.get("global_step", 0) >= target or (killed / "checkpoint_last.pth").exists() and rng.random() < 0.02:
+            if beat.get("global_step", 0) >= target:
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
                 break
