@@ -16,7 +16,7 @@ import typer
 
 from tla_jobs.train.config import TrainConfig
 
-HIDDEN = {"run_dir", "step_delay"}
+HIDDEN = {"run_dir", "step_delay", "max_stalled_attempts"}
 HELP = {
     "model": "timm model name (deit_tiny_patch16_224, deit_small_distilled_patch16_224, swin_tiny_patch4_window7_224, "
              "or the small tla_vit_nano / tla_vit_micro / tla_swin_micro).",

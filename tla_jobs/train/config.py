@@ -71,6 +71,8 @@ class TrainConfig(BaseModel):
     checkpoint_every_epochs: int = Field(20, ge=0, description="keep checkpoint_epoch{N}.pth every N; 0 = never")
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (smoke runs)")
     run_dir: str = Field("", description="the run directory of `tla` jobs, for attempt records")
+    max_stalled_attempts: int = Field(0, ge=0, description="give up after this many attempts in a row with no new "
+                                      "step (0 = never); set from the cluster profile")
     step_delay: float = Field(0.0, ge=0, description="sleep after each step (tests that must catch a run mid-epoch)")
 
     @field_validator("aa")

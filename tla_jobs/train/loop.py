@@ -326,10 +326,12 @@ class Trainer:
                     "resumed_from": resumed_info,
                     "epoch": epoch,
                     "step": step_in_epoch,
+                    "global_step": global_step,
                     "world_size": info.world_size,
                     "version": __version__,
                 },
             )
+        self._refuse_if_stalled(out, global_step)
         log.info(
             "training %s (%s) on %s: %d images, %d classes, %d epochs x %d steps, global batch %d, lr %.2e, "
             "%d process(es) on %s",
@@ -534,6 +536,24 @@ class Trainer:
                 },
             )
         return summary
+
+    def _refuse_if_stalled(self, out: Path, global_step: int) -> None:
+        """Stop a requeue loop that never advances: N+1 attempts starting at the same step."""
+        n = self.cfg.max_stalled_attempts
+        if not n:
+            return
+        from tla_jobs.fsutil import read_jsonl
+
+        starts = [e.get("global_step") for e in read_jsonl(out / rundir.ATTEMPTS) if e.get("event") == "start"]
+        if len(starts) > n and len(set(starts[-(n + 1) :])) == 1:
+            msg = f"no progress in the last {n} attempts (all stopped before step {global_step + 1}); not continuing"
+            if self.info.is_main:
+                rundir.append_event(
+                    out / rundir.ATTEMPTS,
+                    {"event": "end", "reason": "stalled", "error": msg, "global_step": global_step,
+                     **rundir.job_identity()},
+                )
+            raise TlaError(msg)
 
     # ---- pieces of a step ------------------------------------------------------------------------
     def _step(self, net, mixer, criterion, optimizer, scaler, autocast, images, targets) -> float:

@@ -10,6 +10,7 @@ checkpoint is on disk.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -37,6 +38,8 @@ class StopSignals:
     def submitit_requeue(self) -> bool:
         """Hand SIGUSR2 to submitit's handler, which requeues the job (and exits) on rank 0.
         Returns False when no submitit handler was installed (a plain shell or torchrun)."""
+        if os.environ.get("TLA_HOST_REQUEUE") == "1":
+            return False  # in a container: the host batch shell requeues (no scontrol in here)
         handler = self.previous.get(signal.SIGUSR2)
         owner = getattr(handler, "__self__", None)
         if owner is None or type(owner).__module__.split(".")[0] != "submitit":

@@ -1,0 +1,276 @@
+"""`tla status`, `tla logs`, `tla report`, `tla cluster check`: read-only, fast, no torch."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from tla_jobs.cli.app import app, guard
+from tla_jobs.errors import TlaError
+
+console = Console()
+cluster_app = typer.Typer(help="Check a cluster profile against the cluster.", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "STOPPED",
+         "UNKNOWN", "NOT SUBMITTED", "BOOT_FAIL", "DEADLINE"}
+STYLE = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "REQUEUED": "yellow", "FAILED": "red",
+         "CANCELLED": "magenta", "TIMEOUT": "red", "STOPPED": "magenta"}
+
+
+def _paths(runs: list[str] | None, all_runs: bool) -> list[Path]:
+    from tla_jobs.jobs import records
+
+    if runs:
+        return [records.resolve(r) for r in runs]
+    return records.all_runs()
+
+
+def _fmt(v, spec=".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _eta(seconds) -> str:
+    if seconds is None:
+        return "-"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _max_attempts(st) -> str:
+    prof = st.record.get("profile", {})
+    if prof.get("executor") == "slurm":
+        s = prof.get("slurm", {})
+        return str(1 + s.get("max_requeue_timeout", 3) + s.get("max_requeue_preempt", 20))
+    return "6"  # submitit's local controller restarts a requeued task up to 6 times
+
+
+def _table(statuses) -> Table:
+    t = Table(title=None, show_lines=False)
+    for col in ("run", "state", "attempt", "epoch", "best top-1", "last top-1", "ETA", "GPU-h", "source",
+                "last event"):
+        t.add_column(col, no_wrap=col in ("run", "state"))
+    for st in statuses:
+        style = STYLE.get(st.state, "")
+        t.add_row(st.name, f"[{style}]{st.state}[/]" if style else st.state,
+                  f"{len(st.attempts)}/{_max_attempts(st)}", f"{st.epoch}/{st.spec.get('epochs', '?')}",
+                  _fmt(st.best_acc1), _fmt(st.last_acc1), _eta(st.eta_s()), f"{st.gpu_hours:.2f}", st.source,
+                  st.last_event)
+    return t
+
+
+def _status_json(st) -> dict:
+    return {
+        "run": st.name, "path": str(st.path), "state": st.state, "source": st.source,
+        "attempts": [{"start": a["start"], "end": a["end"]} for a in st.attempts],
+        "jobs": [vars(j) for j in st.jobs], "epoch": st.epoch, "epochs": st.spec.get("epochs"),
+        "best_acc1": st.best_acc1, "last_acc1": st.last_acc1, "gpu_hours": st.gpu_hours, "eta_s": st.eta_s(),
+        "heartbeat": st.heartbeat, "last_event": st.last_event,
+        "job_ids": [s["job_id"] for s in st.record.get("submissions", [])],
+    }
+
+
+def _detail(st) -> None:
+    console.print(_table([st]))
+    t = Table(title=f"attempts of {st.name}")
+    for col in ("#", "job", "host", "started", "checkpoint loaded", "ended because", "epoch reached", "step"):
+        t.add_column(col)
+    for i, a in enumerate(st.attempts, 1):
+        s, e = a["start"], a["end"] or {}
+        res = s.get("resumed_from") or {}
+        loaded = f"{Path(res['path']).name} (epoch {res['epoch']}, step {res['step']})" if res else "-"
+        t.add_row(str(i), str(s.get("job_id", "")), str(s.get("host", "")),
+                  time.strftime("%m-%d %H:%M:%S", time.localtime(s.get("time", 0))), loaded,
+                  str(e.get("reason", "running" if a is st.attempts[-1] and st.state in ("RUNNING",) else "killed")),
+                  str(e.get("epoch", "-")), str(e.get("global_step", "-")))
+    console.print(t)
+    if st.jobs:
+        j = Table(title=f"scheduler records ({st.source})")
+        for col in ("job", "state", "exit", "start", "end", "elapsed", "GPUs", "nodes", "reason"):
+            j.add_column(col)
+        for r in st.jobs:
+            j.add_row(r.job_id, r.state, r.exit_code, r.start, r.end, str(r.elapsed_s), str(r.gpus), r.nodes,
+                      r.reason)
+        console.print(j)
+    if st.heartbeat:
+        hb = st.heartbeat
+        age = time.time() - hb.get("time", 0)
+        console.print(f"heartbeat {age:.0f}s ago: {hb.get('phase')} epoch {hb.get('epoch')}/{hb.get('epochs')} "
+                      f"step {hb.get('step')}/{hb.get('steps_per_epoch')} on {hb.get('host')} "
+                      f"(job {hb.get('job_id')}), loss {hb.get('train_loss', 0):.4f}, "
+                      f"{hb.get('images_per_s', 0):.0f} img/s", highlight=False)
+
+
+@app.command("status")
+@guard
+def status(
+    runs: list[str] = typer.Argument(None, help="Runs to show (default: every run under the runs root)."),
+    watch: bool = typer.Option(False, "--watch", help="Refresh every 2 s until every run shown has ended."),
+    all_runs: bool = typer.Option(False, "--all", help="Also runs that ended (default: all shown)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """A table of runs (state from one sacct call, squeue or the trainer's heartbeat); one run: its attempts."""
+    from tla_jobs.jobs.state import collect
+
+    paths = _paths(runs, all_runs)
+    statuses = collect(paths)
+    if as_json:
+        typer.echo(json.dumps([_status_json(s) for s in statuses], default=str, indent=2))
+        return
+    if not statuses:
+        from tla_jobs.jobs.records import runs_root
+
+        console.print(f"no runs under {runs_root()}")
+        return
+    if watch:
+        with Live(_table(statuses), console=console, refresh_per_second=1) as live:
+            while not all(s.state in FINAL for s in statuses):
+                time.sleep(2)
+                statuses = collect(paths)
+                live.update(_table(statuses))
+        return
+    if runs and len(statuses) == 1:
+        _detail(statuses[0])
+    else:
+        console.print(_table(statuses))
+
+
+def follow_run(run_dir: Path) -> int:
+    """Progress bars from the heartbeat until the run ends; returns 0 if it completed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tla_jobs.fsutil import read_json
+    from tla_jobs.jobs.state import collect
+
+    st = collect([run_dir])[0]
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[info]}"), console=console, transient=False) as bar:
+        epochs = bar.add_task("epochs", total=st.spec.get("epochs"), info="")
+        steps = bar.add_task("steps ", total=None, info="waiting for the job to start")
+        while True:
+            st = collect([run_dir])[0]
+            hb = read_json(run_dir / "heartbeat.json") or {}
+            if hb:
+                bar.update(epochs, completed=st.epoch,
+                           info=f"best top-1 {_fmt(st.best_acc1)}  last {_fmt(st.last_acc1)}")
+                bar.update(steps, completed=hb.get("step", 0), total=hb.get("steps_per_epoch"),
+                           info=f"{hb.get('phase')} loss {hb.get('train_loss', 0):.3f}  "
+                                f"{hb.get('images_per_s', 0):.0f} img/s  [{st.state}]")
+            if st.state in FINAL:
+                break
+            time.sleep(1)
+    color = STYLE.get(st.state, "")
+    console.print(f"{st.name}: [{color}]{st.state}[/]  best top-1 {_fmt(st.best_acc1)}  ({st.last_event})")
+    return 0 if st.state == "COMPLETED" else 1
+
+
+@app.command("logs")
+@guard
+def logs(
+    run: str = typer.Argument(..., help="Run name or directory."),
+    rank: int = typer.Option(None, "--rank", min=0, help="Only this rank (default: all ranks merged)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines until the run ends."),
+    errors: bool = typer.Option(False, "--errors", help="Only the lines that explain a failure."),
+) -> None:
+    """The run's logs: the trainer's per-rank logs and submitit's per-task stdout/stderr."""
+    from tla_jobs.jobs import logs as L
+    from tla_jobs.jobs import records
+
+    run_dir = records.resolve(run)
+    if errors:
+        lines = L.error_lines(run_dir, rank)
+        if not lines:
+            console.print("no error lines found", style="green")
+        for line in lines:
+            print(line)
+        return
+    shown = 0
+    while True:
+        lines = L.merged(run_dir, rank)
+        for line in lines[shown:]:
+            print(line)
+        shown = len(lines)
+        sys.stdout.flush()
+        if not follow:
+            return
+        from tla_jobs.jobs.state import collect
+
+        if collect([run_dir])[0].state in FINAL:
+            return
+        time.sleep(1)
+
+
+@app.command("report")
+@guard
+def report(
+    runs: list[str] = typer.Argument(None, help="Runs (default: all)."),
+    fmt: str = typer.Option("table", "--format", help="table, md, csv or json."),
+    plot: Path = typer.Option(None, "--plot", help="Write a PNG of val top-1 per epoch for these runs."),
+    paper: bool = typer.Option(False, "--paper", help="Add the paper's ImageNet top-1 for the model and arm."),
+    output: Path = typer.Option(None, "--output", "-o", help="Write the report to this file too."),
+) -> None:
+    """One row per run: model, mixing, epochs, best/last top-1/top-5, eval-job results, GPU-hours."""
+    from tla_jobs.jobs import report as R
+    from tla_jobs.jobs.state import collect
+
+    if fmt not in ("table", "md", "csv", "json"):
+        raise TlaError(f"--format must be table, md, csv or json, not {fmt!r}")
+    statuses = collect(_paths(runs, True))
+    table = R.rows(statuses, paper=paper)
+    if fmt == "table":
+        t = Table()
+        cols = list(table[0].keys()) if table else R.COLUMNS
+        for c in cols:
+            t.add_column(c)
+        for r in table:
+            t.add_row(*[R._fmt(r[c]) for c in cols])
+        console.print(t)
+        text = R.as_markdown(table)
+    else:
+        text = {"md": R.as_markdown, "csv": R.as_csv, "json": R.as_json}[fmt](table)
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    if output:
+        output.write_text(text)
+    if plot:
+        out = R.plot(statuses, plot)
+        console.print(f"plot: {out.resolve()}")
+
+
+@cluster_app.command("check")
+@guard
+def cluster_check(
+    profile: str = typer.Argument("local", help="Profile name or YAML path."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Is the profile valid, and does the cluster answer (sinfo, sacct, partition limits, image,
+    shared folders writable)?"""
+    import os
+
+    from tla_jobs.jobs import profiles, records
+    from tla_jobs.jobs.submit import Check, slurm_checks
+
+    prof = profiles.load(profile)
+    checks = [Check("profile", True, f"{prof.name}: {prof.executor}")]
+    root = records.runs_root(prof.runs_root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        ok = os.access(root, os.W_OK)
+    except OSError:
+        ok = False
+    checks.append(Check("runs root", ok, f"{root} {'writable' if ok else 'not writable'}"))
+    if prof.executor == "slurm":
+        checks += slurm_checks(prof)
+    if as_json:
+        typer.echo(json.dumps([vars(c) for c in checks]))
+    else:
+        for c in checks:
+            console.print(f"  {'[green]ok[/]' if c.ok else '[red]FAIL[/]'}  {c.name}: {c.detail}", highlight=False)
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)

@@ -1,0 +1,95 @@
+"""How a training step runs inside a container on SLURM, and the host-side requeue around it.
+
+Only the srun step is containerised (Pyxis flags on sbatch would containerise the batch shell,
+which then has no scontrol). Inside a container `scontrol` is normally absent, so submitit's
+in-process requeue cannot work there; instead the batch shell (on the host) gets the signal
+(`--signal=B:USR2@delay`), forwards it to the step, waits for the trainer to write its checkpoint
+and exit, then runs `scontrol requeue` itself. submitit's generated script calls `srun` in the
+foreground, where bash would hold a trap until srun returns; the setup lines therefore define a
+shell function `srun` that starts the real srun in the background and waits on it, which bash
+interrupts for the trap.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from tla_jobs.jobs.profiles import ContainerSettings
+
+# Environment the trainer needs from the host inside the container: SLURM's and submitit's
+# variables (ranks, job id) and ours.
+PASS_ENV = ("SLURM_*", "SUBMITIT_*", "TLA_*", "MASTER_*", "PYTHONUNBUFFERED")
+
+
+def mounts(container: ContainerSettings, extra_paths: list[str]) -> list[str]:
+    """The profile's mounts plus the run directory and data, at the same paths inside."""
+    out = list(container.mounts)
+    have = {m.split(":")[0] for m in out}
+    for p in extra_paths:
+        if p and p not in have:
+            out.append(f"{p}:{p}")
+            have.add(p)
+    return out
+
+
+def step_python(container: ContainerSettings, mount_list: list[str]) -> str:
+    """The "python" submitit puts on the srun line: the interpreter inside the container."""
+    py = container.python
+    if container.runtime == "apptainer":
+        # apptainer passes the host environment by default (the ranks need SLURM_*); --nv maps the GPUs.
+        binds = ",".join(mount_list)
+        parts = ["apptainer", "exec", "--nv", *(["--bind", binds] if binds else []),
+                 *(["--pwd", container.workdir] if container.workdir else []), *container.extra_flags,
+                 "--env", "TLA_HOST_REQUEUE=1", container.image, py]
+        return shlex.join(parts)
+    if container.runtime == "podman":
+        parts = ["podman", "run", "--rm", "--network=host", "--ipc=host", "--init"]
+        for m in mount_list:
+            parts += ["-v", m]
+        for var in PASS_ENV:
+            parts += ["--env", var]
+        parts += ["--env", "TLA_HOST_REQUEUE=1"]
+        if container.workdir:
+            parts += ["-w", container.workdir]
+        parts += [*container.extra_flags, container.image, py]
+        return shlex.join(parts)
+    return py  # pyxis: the srun flags put the step in the container; "python" is the image's
+
+
+def srun_args(container: ContainerSettings, mount_list: list[str]) -> list[str]:
+    if container.runtime != "pyxis":
+        return []
+    args = [f"--container-image={container.image}", "--no-container-mount-home",
+            "--container-env=TLA_HOST_REQUEUE"]
+    if mount_list:
+        args.append("--container-mounts=" + ",".join(mount_list))
+    if container.workdir:
+        args.append(f"--container-workdir={container.workdir}")
+    return args + list(container.extra_flags)
+
+
+def host_requeue_setup() -> list[str]:
+    """Batch-shell lines: trap the signal on the host, forward it, wait, requeue."""
+    return [
+        "# host-side requeue: the containerised step cannot run scontrol",
+        "export TLA_HOST_REQUEUE=1",
+        "tla_signal=",
+        "tla_forward() { tla_signal=$1; echo \"tla: batch shell got SIG$1, forwarding to the step\" >&2; "
+        "kill -s \"$1\" \"$tla_step\" 2>/dev/null; }",
+        "trap 'tla_forward USR2' USR2",
+        "trap 'tla_forward TERM' TERM",
+        "srun() {",
+        "  command srun \"$@\" &",
+        "  tla_step=$!",
+        "  local rc",
+        "  while :; do wait \"$tla_step\"; rc=$?; kill -0 \"$tla_step\" 2>/dev/null || break; done",
+        # USR2 (time limit, submitit's preemption signal) or a step that stopped on its own signal:
+        # requeue. TERM means SLURM itself is requeueing or cancelling the job: leave it to SLURM.
+        "  if [ \"$tla_signal\" = USR2 ] || { [ \"$rc\" -eq 75 ] && [ \"$tla_signal\" != TERM ]; }; then",
+        "    echo \"tla: step stopped (exit $rc) after its checkpoint; requeueing $SLURM_JOB_ID\" >&2",
+        "    scontrol requeue \"$SLURM_JOB_ID\"",
+        "    exit 0",
+        "  fi",
+        "  return $rc",
+        "}",
+    ]

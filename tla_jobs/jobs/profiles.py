@@ -1,0 +1,133 @@
+"""Cluster profiles (cluster_configs/*.yaml), validated with pydantic: unknown keys are errors.
+
+A profile says where jobs run (submitit's local executor, or SLURM), with what resources, how they
+are requeued, and whether the training step runs in a container (Pyxis, Apptainer, podman).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tla_jobs.errors import TlaError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LocalSettings(_Strict):
+    tasks: int = Field(1, ge=1, description="processes (DDP ranks over gloo) on this machine")
+    timeout_min: int = Field(24 * 60, ge=1)
+
+
+class SlurmSettings(_Strict):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int = Field(1, ge=1)
+    tasks_per_node: int = Field(1, ge=1, description="one task per GPU")
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_task: int = Field(1, ge=1)
+    mem_gb: float | None = Field(None, gt=0)
+    time_min: int = Field(60, ge=1, description="time limit of one attempt, minutes")
+    signal_delay_s: int = Field(120, ge=1, description="USR2 this long before the time limit")
+    max_requeue_timeout: int = Field(3, ge=0, description="attempts that may end at the time limit")
+    max_requeue_preempt: int = Field(20, ge=0, description="attempts that may end by preemption")
+    max_stalled_attempts: int = Field(3, ge=1, description="attempts in a row with no new step before giving up")
+    constraint: str | None = None
+    exclude: str | None = None
+    additional_parameters: dict[str, str | int | bool] = Field(default_factory=dict, description="extra #SBATCH keys")
+    setup: list[str] = Field(default_factory=list, description="shell lines run in the batch script before the step")
+
+
+class ContainerSettings(_Strict):
+    runtime: Literal["none", "pyxis", "apptainer", "podman"] = "none"
+    image: str = ""
+    mounts: list[str] = Field(default_factory=list, description="HOST[:CONTAINER[:ro]]; run and data dirs are added")
+    workdir: str | None = None
+    extra_flags: list[str] = Field(default_factory=list)
+    python: str = "python"
+
+    @model_validator(mode="after")
+    def _image(self) -> ContainerSettings:
+        if self.runtime != "none" and not self.image:
+            raise ValueError(f"container runtime {self.runtime} needs an image")
+        return self
+
+
+class Profile(_Strict):
+    name: str = "local"
+    executor: Literal["local", "slurm"] = "local"
+    description: str = ""
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
+    container: ContainerSettings = Field(default_factory=ContainerSettings)
+    runs_root: str | None = Field(None, description="default runs root for this cluster (else ./runs or $TLA_RUNS)")
+
+
+def search_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("TLA_CLUSTER_CONFIGS"):
+        dirs += [Path(p) for p in os.environ["TLA_CLUSTER_CONFIGS"].split(os.pathsep) if p]
+    dirs.append(Path.cwd() / "cluster_configs")
+    return dirs
+
+
+def _packaged(name: str) -> str | None:
+    res = resources.files("tla_jobs.jobs") / "profiles" / f"{name}.yaml"
+    return res.read_text() if res.is_file() else None
+
+
+def available() -> list[str]:
+    names = set()
+    for d in search_dirs():
+        names.update(p.stem for p in d.glob("*.yaml"))
+    return sorted(names | {"local"})
+
+
+def parse(text: str, source: str, name: str) -> Profile:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise TlaError(f"profile {source} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise TlaError(f"profile {source} must be a mapping of settings")
+    data.setdefault("name", name)
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        raise TlaError(f"profile {source}: {loc}: {msg}") from None
+
+
+def load(name_or_path: str) -> Profile:
+    """A profile by name (searched in $TLA_CLUSTER_CONFIGS, ./cluster_configs, then the built-in
+    `local`) or by path to a YAML file."""
+    if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise TlaError(f"profile file {path} does not exist")
+        return parse(path.read_text(), str(path), path.stem)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name_or_path):
+        raise TlaError(f"profile name {name_or_path!r} is not a plain name")
+    for d in search_dirs():
+        path = d / f"{name_or_path}.yaml"
+        if path.is_file():
+            return parse(path.read_text(), str(path), name_or_path)
+    text = _packaged(name_or_path)
+    if text is not None:
+        return parse(text, f"built-in {name_or_path}", name_or_path)
+    raise TlaError(f"unknown cluster profile {name_or_path!r}; available: {', '.join(available())}")

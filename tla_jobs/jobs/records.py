@@ -1,0 +1,92 @@
+"""run.json: what was asked for (spec, profile, code version) and every job submitted for a run.
+
+Attempts are recorded by the trainer itself (attempts.jsonl) and by SLURM (sacct); run.json holds
+the submissions. Updates take the run's lock and replace the file atomically, so two `tla`
+processes updating one run never lose each other's change or leave half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tla_jobs import __version__, rundir
+from tla_jobs.errors import TlaError
+from tla_jobs.fsutil import atomic_write_json, locked, read_json
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def runs_root(override: str | None = None) -> Path:
+    return Path(override or os.environ.get("TLA_RUNS") or "runs").expanduser().resolve()
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name) or ".." in name:
+        raise TlaError(f"run name {name!r} is not a safe file name (letters, digits, '.', '_', '-'; at most 100)")
+    return name
+
+
+def run_dir(name: str, root: Path | None = None) -> Path:
+    return (root or runs_root()) / check_name(name)
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def create(path: Path, record: dict) -> None:
+    """Create a new run directory with its run.json; refuses an existing run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        raise TlaError(f"run {path.name} already exists in {path.parent}; use `tla resume {path.name}` "
+                       "or another --name") from None
+    record = {"name": path.name, "created": time.time(), "version": __version__, "git_commit": git_commit(),
+              "submissions": [], "evals": [], **record}
+    with locked(path / rundir.RUN_JSON):
+        atomic_write_json(path / rundir.RUN_JSON, record)
+
+
+def load(path: Path) -> dict:
+    record = read_json(path / rundir.RUN_JSON)
+    if record is None:
+        raise TlaError(f"run {path.name} does not exist in {path.parent}")
+    return record
+
+
+def update(path: Path, change: Callable[[dict], None]) -> dict:
+    with locked(path / rundir.RUN_JSON):
+        record = load(path)
+        change(record)
+        atomic_write_json(path / rundir.RUN_JSON, record)
+    return record
+
+
+def resolve(name_or_path: str) -> Path:
+    """A run by name under the runs root, or a path to a run directory."""
+    candidate = Path(name_or_path).expanduser()
+    if (candidate / rundir.RUN_JSON).is_file() and (os.sep in name_or_path or not NAME_RE.fullmatch(name_or_path)):
+        return candidate.resolve()
+    path = run_dir(name_or_path)
+    if not (path / rundir.RUN_JSON).is_file():
+        raise TlaError(f"run {name_or_path} does not exist in {path.parent}")
+    return path
+
+
+def all_runs(root: Path | None = None) -> list[Path]:
+    root = root or runs_root()
+    if not root.is_dir():
+        return []
+    return sorted(p.parent for p in root.glob(f"*/{rundir.RUN_JSON}"))

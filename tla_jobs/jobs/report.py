@@ -1,0 +1,117 @@
+"""Accuracy reports across runs: table, Markdown, CSV, JSON, and a plot of val top-1 per epoch."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from tla_jobs.fsutil import read_json
+from tla_jobs.jobs.state import RunStatus
+
+# ImageNet-1k top-1 after 300 epochs: (baseline, TL-Align), from the TL-Align README.
+PAPER = {
+    "deit_tiny_patch16_224": (72.2, 73.2),
+    "deit_small_patch16_224": (79.8, 80.6),
+    "deit_base_patch16_224": (81.8, 82.3),
+    "swin_tiny_patch4_window7_224": (81.2, 81.4),
+    "swin_small_patch4_window7_224": (83.0, 83.4),
+    "swin_base_patch4_window7_224": (83.5, 83.7),
+}
+COLUMNS = ["run", "state", "model", "mixing", "epochs", "best_acc1", "best_acc5", "last_acc1", "last_acc5",
+           "eval_acc1", "eval_acc5", "gpu_hours"]
+
+
+def _latest_eval(st: RunStatus) -> dict | None:
+    best = None
+    for ev in st.record.get("evals", []):
+        res = read_json(Path(ev["output_dir"]) / "eval.json")
+        if res is not None and (best is None or res.get("time", 0) > best.get("time", 0)):
+            best = res
+    return best
+
+
+def rows(statuses: list[RunStatus], paper: bool = False) -> list[dict]:
+    out = []
+    for st in statuses:
+        spec = st.spec
+        best = max(st.metrics, key=lambda m: m["acc1"]) if st.metrics else {}
+        last = st.metrics[-1] if st.metrics else {}
+        ev = _latest_eval(st) or {}
+        row = {
+            "run": st.name, "state": st.state, "model": spec.get("model", ""),
+            "mixing": _mixing(spec), "epochs": f"{st.epoch}/{spec.get('epochs', '?')}",
+            "best_acc1": best.get("acc1"), "best_acc5": best.get("acc5"), "last_acc1": last.get("acc1"),
+            "last_acc5": last.get("acc5"), "eval_acc1": ev.get("acc1"), "eval_acc5": ev.get("acc5"),
+            "gpu_hours": round(st.gpu_hours, 3),
+        }
+        if paper:
+            ref = PAPER.get(spec.get("model", ""))
+            row["paper_acc1"] = (ref[1] if spec.get("tl_align", True) else ref[0]) if ref else None
+        out.append(row)
+    return out
+
+
+def _mixing(spec: dict) -> str:
+    if not spec:
+        return ""
+    from tla_jobs.train.config import TrainConfig
+
+    try:
+        return TrainConfig(**spec).mixing()
+    except Exception:
+        return "tl-align" if spec.get("tl_align") else "?"
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def as_markdown(table: list[dict]) -> str:
+    cols = list(table[0].keys()) if table else COLUMNS
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in table]
+    return "\n".join(lines) + "\n"
+
+
+def as_csv(table: list[dict]) -> str:
+    buf = io.StringIO()
+    cols = list(table[0].keys()) if table else COLUMNS
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in table:
+        w.writerow(r)
+    return buf.getvalue()
+
+
+def as_json(table: list[dict]) -> str:
+    return json.dumps(table, indent=2)
+
+
+def plot(statuses: list[RunStatus], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for st in statuses:
+        if st.metrics:
+            ax.plot([m["epoch"] + 1 for m in st.metrics], [m["acc1"] for m in st.metrics], marker="o", ms=3,
+                    label=f"{st.name} ({_mixing(st.spec)})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_title("Validation top-1 per epoch")
+    ax.grid(alpha=0.3)
+    if any(st.metrics for st in statuses):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,285 @@
+"""Submission of training, evaluation and sweep jobs, all through submitit.
+
+A submission is: a TrainConfig (stored in run.json as the run's spec), a profile (resources,
+requeue limits, container), and a submitit executor built from both. `--dry-run` renders the very
+sbatch script submitit would submit (its own template, with the same parameters), plus the
+preflight checks, and writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tla_jobs import rundir
+from tla_jobs.errors import TlaError
+from tla_jobs.jobs import containers, records
+from tla_jobs.jobs.profiles import Profile
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Plan:
+    """Everything about a submission, before anything is written."""
+
+    name: str
+    run_dir: Path
+    profile: Profile
+    specs: list[dict]
+    kind: str = "train"
+    dependency: str | None = None
+    checks: list[Check] = field(default_factory=list)
+
+
+def apply_overrides(profile: Profile, nodes=None, gpus_per_node=None, time_min=None, partition=None,
+                    tasks_per_node=None) -> Profile:
+    slurm = profile.slurm.model_copy(update={k: v for k, v in dict(
+        nodes=nodes, gpus_per_node=gpus_per_node, time_min=time_min, partition=partition,
+        tasks_per_node=tasks_per_node).items() if v is not None})
+    local = profile.local
+    if tasks_per_node is not None:
+        local = local.model_copy(update={"tasks": tasks_per_node})
+    out = profile.model_copy(update={"slurm": slurm, "local": local})
+    return Profile.model_validate(out.model_dump())  # re-validate (a zero or negative override is an error)
+
+
+# ------------------------------------------------------------------------------------------ executor
+
+
+def make_executor(profile: Profile, folder: Path, name: str, run_dir: Path, data_path: str = "",
+                  dependency: str | None = None, array_size: int | None = None):
+    import submitit
+
+    if profile.executor == "local":
+        ex = submitit.AutoExecutor(folder=folder, cluster="local")
+        ex.update_parameters(timeout_min=profile.local.timeout_min, tasks_per_node=profile.local.tasks, nodes=1,
+                             name=name)
+        return ex
+    s, c = profile.slurm, profile.container
+    mount_list = containers.mounts(c, [str(run_dir.parent), data_path]) if c.runtime != "none" else []
+    python = containers.step_python(c, mount_list) if c.runtime != "none" else None
+    kwargs = {"slurm_max_num_timeout": s.max_requeue_timeout}
+    if python:
+        kwargs["slurm_python"] = python
+    ex = submitit.AutoExecutor(folder=folder, cluster="slurm", **kwargs)
+    extra = {"requeue": True, **s.additional_parameters}
+    setup = list(s.setup)
+    if c.runtime != "none":
+        extra["signal"] = f"B:USR2@{s.signal_delay_s}"
+        setup += containers.host_requeue_setup()
+    if dependency:
+        extra["dependency"] = dependency
+    params = dict(
+        name=name, timeout_min=s.time_min, nodes=s.nodes, tasks_per_node=s.tasks_per_node,
+        cpus_per_task=s.cpus_per_task, slurm_signal_delay_s=s.signal_delay_s, slurm_additional_parameters=extra,
+        slurm_setup=setup,
+    )
+    if s.gpus_per_node:
+        params["gpus_per_node"] = s.gpus_per_node
+    if s.mem_gb:
+        params["mem_gb"] = s.mem_gb
+    for key in ("partition", "account", "qos", "constraint", "exclude"):
+        if getattr(s, key):
+            params[f"slurm_{key}"] = getattr(s, key)
+    srun = containers.srun_args(c, mount_list)
+    if srun:
+        params["slurm_srun_args"] = srun
+    if array_size:
+        params["slurm_array_parallelism"] = array_size
+    ex.update_parameters(**params)
+    return ex
+
+
+def render(plan: Plan) -> str:
+    """The exact script (sbatch) or command (local) the submission would run."""
+    spec = plan.specs[0]
+    ex = make_executor(plan.profile, plan.run_dir / rundir.SUBMITIT_DIR, plan.name, plan.run_dir,
+                       spec.get("data_path", ""), plan.dependency, len(plan.specs) if len(plan.specs) > 1 else None)
+    inner = ex._executor  # submitit renders its own template; only the job id placeholder is ours
+    if plan.profile.executor == "slurm":
+        from submitit.slurm.slurm import _make_sbatch_string
+
+        params = dict(inner.parameters)
+        if len(plan.specs) > 1:
+            params["map_count"] = len(plan.specs)
+        return _make_sbatch_string(command=inner._submitit_command_str, folder=inner.folder, **params)
+    cmd = [sys.executable, "-m", "submitit.local._local", str(inner.folder)]
+    return (f"# submitit local executor: {plan.profile.local.tasks} task(s), timeout {plan.profile.local.timeout_min} "
+            f"min\n{shlex.join(cmd)}\n")
+
+
+# -------------------------------------------------------------------------------------------- checks
+
+
+def preflight(plan: Plan) -> list[Check]:
+    """Checks that need no job: the model exists, the data is there, the cluster answers."""
+    from tla_jobs.data.folders import check_image_folder
+
+    checks: list[Check] = []
+    seen_data = set()
+    for spec in plan.specs:
+        data = spec.get("data_path", "")
+        if data in seen_data:
+            continue
+        seen_data.add(data)
+        if spec.get("dataset", "imagefolder") != "imagefolder" and not (Path(data) / ".tla-dataset").is_file():
+            checks.append(Check("data", True, f"{spec['dataset']} will be prepared into {data} on first use"))
+            continue
+        train, val = check_image_folder(data, verify_images=False)
+        checks.append(Check("data", True, f"{data}: {len(train.classes)} classes, {train.size} train / "
+                                          f"{val.size} val images"))
+    models = sorted({s["model"] for s in plan.specs})
+    from tla_jobs.train.models import check_model_name  # timm's registry (imports timm, not torch work)
+
+    for m in models:
+        check_model_name(m)
+    checks.append(Check("model", True, ", ".join(models)))
+    root = plan.run_dir.parent
+    root.mkdir(parents=True, exist_ok=True)
+    checks.append(Check("runs root", os.access(root, os.W_OK), f"{root} writable"))
+    if plan.profile.executor == "slurm":
+        checks += slurm_checks(plan.profile)
+    return checks
+
+
+def _run(cmd: list[str], timeout: int = 20) -> subprocess.CompletedProcess | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def slurm_checks(profile: Profile) -> list[Check]:
+    s = profile.slurm
+    out = []
+    info = _run(["sinfo", "-h", "-o", "%R|%l|%D|%a"])
+    if info is None or info.returncode != 0:
+        out.append(Check("sinfo", False, "sinfo not found or the controller does not answer"))
+        return out
+    parts = {}
+    for line in info.stdout.splitlines():
+        bits = line.strip().split("|")
+        if len(bits) == 4:
+            parts[bits[0]] = bits
+    out.append(Check("sinfo", True, f"partitions: {', '.join(sorted(parts)) or 'none'}"))
+    if s.partition:
+        if s.partition not in parts:
+            out.append(Check("partition", False, f"partition {s.partition!r} not in {sorted(parts)}"))
+        else:
+            limit = _minutes(parts[s.partition][1])
+            ok = limit is None or s.time_min <= limit
+            out.append(Check("time limit", ok, f"--time {s.time_min} min vs partition MaxTime "
+                                               f"{parts[s.partition][1]}"))
+    acct = _run(["sacct", "-n", "-X", "-S", "now-1hours", "-o", "JobID", "--parsable2"])
+    out.append(Check("sacct", bool(acct and acct.returncode == 0),
+                     "accounting answers" if acct and acct.returncode == 0 else
+                     "sacct unavailable: status falls back to squeue and heartbeats"))
+    c = profile.container
+    if (c.runtime == "apptainer" and c.image.endswith(".sif")) or (c.runtime == "pyxis" and c.image.startswith("/")):
+        present = Path(c.image).is_file()
+        out.append(Check("image", present, f"{c.image} {'present' if present else 'missing'}"))
+    if c.runtime == "podman":
+        have = _run(["podman", "image", "exists", c.image])
+        out.append(Check("image", bool(have and have.returncode == 0), f"podman image {c.image}"))
+    return out
+
+
+def _minutes(limit: str) -> int | None:
+    """SLURM time limit text (e.g. 2-00:00:00, 4:00:00, 30, UNLIMITED) in minutes."""
+    if limit in ("UNLIMITED", "infinite", "n/a", ""):
+        return None
+    days = 0
+    if "-" in limit:
+        d, limit = limit.split("-", 1)
+        days = int(d)
+    nums = [int(x) for x in limit.split(":")]
+    if len(nums) == 3:
+        h, m, sec = nums
+    elif len(nums) == 2:
+        h, m, sec = 0, nums[0], nums[1]
+    else:
+        h, m, sec = 0, nums[0], 0
+    return days * 1440 + h * 60 + m + (1 if sec else 0)
+
+
+# ---------------------------------------------------------------------------------------- submitting
+
+
+def _submission(job, reason: str, profile: Profile, extra: dict | None = None) -> dict:
+    return {"job_id": str(job.job_id), "submitted": time.time(), "executor": profile.executor, "reason": reason,
+            "profile": profile.name, "nodes": profile.slurm.nodes if profile.executor == "slurm" else 1,
+            "tasks_per_node": profile.slurm.tasks_per_node if profile.executor == "slurm" else profile.local.tasks,
+            "gpus_per_node": profile.slurm.gpus_per_node if profile.executor == "slurm" else 0,
+            "time_min": profile.slurm.time_min if profile.executor == "slurm" else profile.local.timeout_min,
+            **(extra or {})}
+
+
+def submit_train(plan: Plan, reason: str = "submit") -> dict:
+    from tla_jobs.jobs.entry import TrainJob
+
+    spec = plan.specs[0]
+    ex = make_executor(plan.profile, plan.run_dir / rundir.SUBMITIT_DIR, plan.name, plan.run_dir,
+                       spec.get("data_path", ""), plan.dependency)
+    job = ex.submit(TrainJob(), spec)
+    entry = _submission(job, reason, plan.profile)
+    records.update(plan.run_dir, lambda r: r["submissions"].append(entry))
+    return entry
+
+
+def submit_eval(run_dir: Path, profile: Profile, spec: dict, dependency: str | None, eval_id: str) -> dict:
+    from tla_jobs.jobs.entry import EvalJob
+
+    ex = make_executor(profile, run_dir / rundir.SUBMITIT_DIR, f"{run_dir.name}-eval", run_dir,
+                       spec.get("data_path", ""), dependency)
+    job = ex.submit(EvalJob(), spec)
+    entry = {**_submission(job, "eval", profile), "eval_id": eval_id, "checkpoint": spec["resume"],
+             "dependency": dependency, "output_dir": spec["output_dir"]}
+    records.update(run_dir, lambda r: r["evals"].append(entry))
+    return entry
+
+
+def submit_sweep(plans: list[Plan], profile: Profile, sweep_dir: Path, name: str) -> list[dict]:
+    """One submitit job array (one SLURM array job) for every run of the sweep."""
+    from tla_jobs.jobs.entry import TrainJob
+
+    specs = [p.specs[0] for p in plans]
+    ex = make_executor(profile, sweep_dir, name, plans[0].run_dir, specs[0].get("data_path", ""),
+                       array_size=len(specs))
+    jobs = ex.map_array(TrainJob(), specs)
+    out = []
+    for index, (plan, job) in enumerate(zip(plans, jobs)):
+        entry = _submission(job, "sweep", profile, {"sweep": name, "array_index": index,
+                                                      "submitit_folder": str(sweep_dir)})
+        records.update(plan.run_dir, lambda r, e=entry: r["submissions"].append(e))
+        out.append(entry)
+    return out
+
+
+def cancel(job_ids: list[str], executor: str) -> None:
+    import signal as _signal
+
+    if executor == "slurm":
+        if job_ids:
+            res = _run(["scancel", *job_ids])
+            if res is None or res.returncode != 0:
+                raise TlaError(f"scancel failed: {res.stderr.strip() if res else 'scancel not found'}")
+        return
+    for jid in job_ids:  # local: the job id is the pid of submitit's controller, which forwards TERM
+        try:
+            os.kill(int(jid), _signal.SIGTERM)
+        except (ProcessLookupError, ValueError):
+            pass
