@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test lint test-fast bench clean-venv
+TLA := $(VENV)/bin/tla
+DEMO_RUN ?= demo-$(shell date +%Y%m%d-%H%M%S)
+DEMO_DATA ?= data/fashion-mnist
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 # The venv is (re)built when pyproject.toml or constraints.txt change. constraints.txt pins the
 # torch/torchvision releases this project's machines install from local disk.
@@ -28,3 +32,27 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The main job a newcomer runs: a real TL-Align training run of a small ViT on Fashion-MNIST (from
+# Debian's dataset-fashion-mnist; scikit-learn's digits when that cannot be installed), submitted
+# through submitit's local executor and followed to the end, then status, report and plot.
+demo: $(STAMP)
+	@if [ ! -f $(FMNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's dataset-fashion-mnist"; \
+	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || true; \
+	fi
+	@if [ -f $(FMNIST) ]; then \
+	  $(TLA) data prepare fashion-mnist $(DEMO_DATA) --limit 1000 && echo fashion-mnist > .demo-dataset; \
+	else \
+	  echo "Fashion-MNIST unavailable: using scikit-learn's digits"; \
+	  $(TLA) data prepare digits data/digits && echo digits > .demo-dataset; \
+	fi
+	@ds=$$(cat .demo-dataset); rm -f .demo-dataset; \
+	if [ "$$ds" = digits ]; then data=data/digits; model=tla_vit_nano; else data=$(DEMO_DATA); model=tla_vit_micro; fi; \
+	$(TLA) submit train --name $(DEMO_RUN) --cluster local --model $$model --dataset $$ds --data-path $$data \
+	  --epochs 6 --warmup-epochs 1 --batch-size 64 --lr 1e-3 --workers 1 --no-repeated-aug --crop-scale 0.35 \
+	  --checkpoint-every-min 1 --follow
+	@$(TLA) status
+	@$(TLA) report $(DEMO_RUN) --plot runs/$(DEMO_RUN)/accuracy.png
+	@echo "accuracy plot: $$(pwd)/runs/$(DEMO_RUN)/accuracy.png"

@@ -104,9 +104,16 @@ def make_executor(profile: Profile, folder: Path, name: str, run_dir: Path, data
 
 def render(plan: Plan) -> str:
     """The exact script (sbatch) or command (local) the submission would run."""
+    from unittest import mock
+
+    from submitit.slurm.slurm import SlurmExecutor
+
     spec = plan.specs[0]
-    ex = make_executor(plan.profile, plan.run_dir / rundir.SUBMITIT_DIR, plan.name, plan.run_dir,
-                       spec.get("data_path", ""), plan.dependency, len(plan.specs) if len(plan.specs) > 1 else None)
+    # submitit refuses to build a SLURM executor where srun is missing; a dry run is for exactly
+    # such a machine (a laptop preparing a submission), and it submits nothing.
+    with mock.patch.object(SlurmExecutor, "affinity", classmethod(lambda cls: 1)):
+        ex = make_executor(plan.profile, plan.run_dir / rundir.SUBMITIT_DIR, plan.name, plan.run_dir,
+                           spec.get("data_path", ""), plan.dependency, len(plan.specs) if len(plan.specs) > 1 else None)
     inner = ex._executor  # submitit renders its own template; only the job id placeholder is ours
     if plan.profile.executor == "slurm":
         from submitit.slurm.slurm import _make_sbatch_string
