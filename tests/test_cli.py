@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from conftest import FAST, ROOT, assert_clean_error, run_tla
+from typer.testing import CliRunner
 
 PROFILES = ROOT / "tests" / "profiles"
 GOLDEN = ROOT / "tests" / "golden"
@@ -52,10 +51,10 @@ def wait_for(predicate, timeout=180, every=0.5):
 
 def test_help_and_fast_commands_do_not_import_torch(env):
     for args in (["--help"], ["status"], ["report"], ["status", "--json"]):
-        code = ("import sys; from tla_jobs.cli import app; sys.argv=['tla', *%r]\n"
+        code = (f"import sys; from tla_jobs.cli import app; sys.argv=['tla', *{args!r}]\n"
                 "try:\n    app()\nexcept SystemExit:\n    pass\n"
                 "bad=[m for m in ('torch','timm') if m in sys.modules]\n"
-                "print('IMPORTED', bad) if bad else print('CLEAN')") % (args,)
+                "print('IMPORTED', bad) if bad else print('CLEAN')")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               env={**os.environ, **{k: v for k, v in env.items() if k != "runs"}})
         assert "CLEAN" in proc.stdout, (args, proc.stdout, proc.stderr)

@@ -15,7 +15,8 @@ from rich.table import Table
 from tla_jobs.cli.app import app, guard
 from tla_jobs.errors import TlaError
 
-console = Console()
+# Piped output (scripts, CI logs) gets a wide table instead of rich's 80-column default.
+console = Console(width=None if Console().is_terminal else 220)
 cluster_app = typer.Typer(help="Check a cluster profile against the cluster.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "STOPPED",
@@ -54,15 +55,19 @@ def _max_attempts(st) -> str:
 
 def _table(statuses) -> Table:
     t = Table(title=None, show_lines=False)
+    narrow = console.width < 140  # a laptop terminal: the least needed columns go
     for col in ("run", "state", "attempt", "epoch", "best top-1", "last top-1", "ETA", "GPU-h", "source",
                 "last event"):
-        t.add_column(col, no_wrap=col in ("run", "state"))
+        if narrow and col in ("source", "last event", "GPU-h"):
+            continue
+        t.add_column(col, no_wrap=col in ("run", "state", "epoch", "attempt"))
     for st in statuses:
         style = STYLE.get(st.state, "")
-        t.add_row(st.name, f"[{style}]{st.state}[/]" if style else st.state,
-                  f"{len(st.attempts)}/{_max_attempts(st)}", f"{st.epoch}/{st.spec.get('epochs', '?')}",
-                  _fmt(st.best_acc1), _fmt(st.last_acc1), _eta(st.eta_s()), f"{st.gpu_hours:.2f}", st.source,
-                  st.last_event)
+        cells = [st.name, f"[{style}]{st.state}[/]" if style else st.state,
+                 f"{len(st.attempts)}/{_max_attempts(st)}", f"{st.epoch}/{st.spec.get('epochs', '?')}",
+                 _fmt(st.best_acc1), _fmt(st.last_acc1), _eta(st.eta_s()), f"{st.gpu_hours:.2f}", st.source,
+                 st.last_event]
+        t.add_row(*(cells[:7] if narrow else cells))
     return t
 
 

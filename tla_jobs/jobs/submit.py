@@ -226,6 +226,40 @@ def _minutes(limit: str) -> int | None:
 # ---------------------------------------------------------------------------------------- submitting
 
 
+class _DetachedSubprocess:
+    """Stands in for the `subprocess` module inside submitit's local executor while it spawns its
+    controller: the controller gets a new session (a Ctrl-C in the submitting terminal must not
+    kill the training) and no inherited stdio (a caller reading `tla submit`'s output through a
+    pipe must not wait for the whole job)."""
+
+    def __init__(self, log: Path):
+        self.log = log
+
+    def __getattr__(self, name):
+        return getattr(subprocess, name)
+
+    def Popen(self, *args, **kwargs):  # noqa: N802 (the name submitit calls)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            kwargs.setdefault("start_new_session", True)
+            kwargs.setdefault("stdin", subprocess.DEVNULL)
+            kwargs.setdefault("stdout", out)
+            kwargs.setdefault("stderr", subprocess.STDOUT)
+            return subprocess.Popen(*args, **kwargs)
+
+
+def _submitting(profile: Profile, folder: Path):
+    from contextlib import nullcontext
+    from unittest import mock
+
+    if profile.executor != "local":
+        return nullcontext()
+    import submitit.local.local as local_module
+
+    return mock.patch.object(local_module, "subprocess", _DetachedSubprocess(folder / "controller.log"))
+
+
+
 def _submission(job, reason: str, profile: Profile, extra: dict | None = None) -> dict:
     return {"job_id": str(job.job_id), "submitted": time.time(), "executor": profile.executor, "reason": reason,
             "profile": profile.name, "nodes": profile.slurm.nodes if profile.executor == "slurm" else 1,
@@ -241,7 +275,8 @@ def submit_train(plan: Plan, reason: str = "submit") -> dict:
     spec = plan.specs[0]
     ex = make_executor(plan.profile, plan.run_dir / rundir.SUBMITIT_DIR, plan.name, plan.run_dir,
                        spec.get("data_path", ""), plan.dependency)
-    job = ex.submit(TrainJob(), spec)
+    with _submitting(plan.profile, plan.run_dir / rundir.SUBMITIT_DIR):
+        job = ex.submit(TrainJob(), spec)
     entry = _submission(job, reason, plan.profile)
     records.update(plan.run_dir, lambda r: r["submissions"].append(entry))
     return entry
@@ -252,7 +287,8 @@ def submit_eval(run_dir: Path, profile: Profile, spec: dict, dependency: str | N
 
     ex = make_executor(profile, run_dir / rundir.SUBMITIT_DIR, f"{run_dir.name}-eval", run_dir,
                        spec.get("data_path", ""), dependency)
-    job = ex.submit(EvalJob(), spec)
+    with _submitting(profile, run_dir / rundir.SUBMITIT_DIR):
+        job = ex.submit(EvalJob(), spec)
     entry = {**_submission(job, "eval", profile), "eval_id": eval_id, "checkpoint": spec["resume"],
              "dependency": dependency, "output_dir": spec["output_dir"]}
     records.update(run_dir, lambda r: r["evals"].append(entry))
@@ -266,7 +302,8 @@ def submit_sweep(plans: list[Plan], profile: Profile, sweep_dir: Path, name: str
     specs = [p.specs[0] for p in plans]
     ex = make_executor(profile, sweep_dir, name, plans[0].run_dir, specs[0].get("data_path", ""),
                        array_size=len(specs))
-    jobs = ex.map_array(TrainJob(), specs)
+    with _submitting(profile, sweep_dir):
+        jobs = ex.map_array(TrainJob(), specs)
     out = []
     for index, (plan, job) in enumerate(zip(plans, jobs)):
         entry = _submission(job, "sweep", profile, {"sweep": name, "array_index": index,
