@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint test-fast bench clean-venv
+.PHONY: demo test lint test-fast test-slurm bench clean-venv
 TLA := $(VENV)/bin/tla
 DEMO_RUN ?= demo-$(shell date +%Y%m%d-%H%M%S)
 DEMO_DATA ?= data/fashion-mnist
@@ -24,8 +24,19 @@ lint: $(STAMP)
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -m "not slurm and not container"
 
+# The whole suite, SLURM and container tests included: the one-machine SLURM cluster
+# (tests/slurm_cluster, needs root) is brought up first and down afterwards, also when tests fail.
 test: lint
-	$(VENV)/bin/pytest
+	@status=0; \
+	bash tests/slurm_cluster/cluster.sh up || { bash tests/slurm_cluster/cluster.sh logs; exit 1; }; \
+	$(VENV)/bin/pytest --durations=15 || status=$$?; \
+	if [ $$status -ne 0 ]; then bash tests/slurm_cluster/cluster.sh logs 40 || true; fi; \
+	bash tests/slurm_cluster/cluster.sh down >/dev/null 2>&1 || true; \
+	exit $$status
+
+test-slurm: lint
+	bash tests/slurm_cluster/cluster.sh up
+	$(VENV)/bin/pytest -m slurm
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_align.py

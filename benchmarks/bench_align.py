@@ -51,28 +51,33 @@ def make_step(arm: str, model, opt, num_classes: int, patch: int):
     return step
 
 
-def bench(model_name: str, arm: str, batch: int, steps: int, device: str, amp: bool) -> float:
-    torch.manual_seed(0)
-    model = timm.create_model(model_name, num_classes=1000).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    patch = model.patch_embed.patch_size[0]
-    size = model.patch_embed.img_size[0]
+def bench_model(model_name: str, arms: list[str], batch: int, steps: int, device: str, amp: bool) -> dict:
+    """Median step time per arm; arms run interleaved (one step each per round, rotating order) so
+    that drift in the machine's speed hits every arm alike."""
+    states = {}
+    for arm in arms:
+        torch.manual_seed(0)
+        model = timm.create_model(model_name, num_classes=1000).to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        states[arm] = make_step(arm, model, opt, 1000, model.patch_embed.patch_size[0])
+    size = timm.create_model(model_name).patch_embed.img_size[0]
     images = torch.randn(batch, 3, size, size, device=device)
     targets = torch.randint(0, 1000, (batch,), device=device)
-    step = make_step(arm, model, opt, 1000, patch)
-    ctx = torch.autocast(device, dtype=torch.bfloat16) if amp else torch.autocast(device, enabled=False)
-    times = []
-    for i in range(steps + 2):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with ctx:
-            step(images, targets)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:  # two warm-up steps
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {arm: [] for arm in arms}
+    for r in range(steps + 2):
+        order = arms[r % len(arms):] + arms[: r % len(arms)]
+        for arm in order:
+            ctx = torch.autocast(device, dtype=torch.bfloat16) if amp else torch.autocast(device, enabled=False)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with ctx:
+                states[arm](images, targets)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if r >= 2:  # two warm-up rounds
+                times[arm].append(time.perf_counter() - t0)
+    return {arm: statistics.median(t) for arm, t in times.items()}
 
 
 def main() -> None:
@@ -87,7 +92,7 @@ def main() -> None:
     arms = ["plain", "fused", "explicit", "reference"]
     rows = []
     for name in args.models:
-        t = {arm: bench(name, arm, args.batch, args.steps, args.device, args.amp) for arm in arms}
+        t = bench_model(name, arms, args.batch, args.steps, args.device, args.amp)
         rows.append((name, t))
         cells = " | ".join(f"{t[a]*1000:8.0f} ms ({t[a] / t['plain']:.3f}x)" for a in arms)
         print(f"{name:26s} | {cells}", flush=True)

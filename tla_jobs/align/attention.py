@@ -78,3 +78,33 @@ def attend(
                 attn_mask=attn_mask, scale=scale,
             )[..., d : d + kdim]
     return out[..., :d], mixed.to(work).mean(dim=1)
+
+
+def attend_packed(
+    qkv: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    scale: float,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused path from the (B, N, 3, H, D) output of a qkv projection (no q/k norm in between).
+
+    One concatenation appends the label channels to q, k (zeros) and v (labels) at once, instead of
+    three separate pads: on the CPU those copies, not the extra channel, are most of the cost.
+    """
+    labels = labels.detach()
+    b, n, _, h, d = qkv.shape
+    kdim = labels.shape[-1]
+    pad = _label_channels(kdim, qkv.device)
+    extra = qkv.new_zeros(b, n, 3, h, pad)
+    extra[:, :, 2, :, :kdim] = labels.to(qkv.dtype).unsqueeze(2)
+    q, k, v = torch.cat([qkv, extra], dim=-1).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    work = torch.promote_types(torch.promote_types(labels.dtype, qkv.dtype), torch.float32)
+    if dropout_p > 0.0:
+        with torch.no_grad():  # labels follow the attention before dropout, as in the reference
+            mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)[..., d : d + kdim]
+    else:
+        mixed = out[..., d : d + kdim].detach()
+    return out[..., :d], mixed.to(work).mean(dim=1)

@@ -26,7 +26,7 @@ from timm.models.swin_transformer import (
 )
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from tla_jobs.align.attention import attend
+from tla_jobs.align.attention import attend, attend_packed
 
 
 class UnsupportedModelError(ValueError):
@@ -65,13 +65,14 @@ def _vit_attention(attn: Attention, x: torch.Tensor, labels: torch.Tensor, fused
     """timm.layers.Attention.forward with the label channel (no mask: ViT blocks pass none)."""
     b, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
-    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    out, mixed = attend(
-        q, k, v, labels, scale=attn.scale,
-        dropout_p=attn.attn_drop.p if attn.training else 0.0, fused=fused,
-    )
+    packed = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim)
+    dropout_p = attn.attn_drop.p if attn.training else 0.0
+    if fused and isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
+        out, mixed = attend_packed(packed, labels, scale=attn.scale, dropout_p=dropout_p)
+    else:
+        q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        out, mixed = attend(q, k, v, labels, scale=attn.scale, dropout_p=dropout_p, fused=fused)
     out = attn.norm(out.transpose(1, 2).reshape(b, n, attn.attn_dim))
     if gate is not None:
         out = out * gate
@@ -122,17 +123,18 @@ def _check_swin(model: SwinTransformer) -> None:
 def _window_attention(attn: WindowAttention, x: torch.Tensor, labels: torch.Tensor, mask, fused: bool):
     """timm WindowAttention.forward with the label channel; x is (windows·B, N, C)."""
     b_, n, _ = x.shape
-    qkv = attn.qkv(x).reshape(b_, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    packed = attn.qkv(x).reshape(b_, n, 3, attn.num_heads, -1)
     bias = attn._get_rel_pos_bias()
     if mask is not None:
         nw = mask.shape[0]
         bias = (bias + mask.view(1, nw, 1, n, n).expand(b_ // nw, -1, attn.num_heads, -1, -1)
                 .reshape(-1, attn.num_heads, n, n))
-    out, mixed = attend(
-        q, k, v, labels, scale=attn.scale, attn_mask=bias,
-        dropout_p=attn.attn_drop.p if attn.training else 0.0, fused=fused,
-    )
+    dropout_p = attn.attn_drop.p if attn.training else 0.0
+    if fused:
+        out, mixed = attend_packed(packed, labels, scale=attn.scale, attn_mask=bias, dropout_p=dropout_p)
+    else:
+        q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+        out, mixed = attend(q, k, v, labels, scale=attn.scale, attn_mask=bias, dropout_p=dropout_p, fused=False)
     out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(b_, n, -1)))
     return out, mixed
 

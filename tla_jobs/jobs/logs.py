@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from tla_jobs import rundir
+from tla_jobs.fsutil import read_json
 
 ERROR_PATTERNS = re.compile(
     r"(Traceback \(most recent call last\)|CUDA out of memory|OutOfMemoryError|NCCL (WARN|error|Error)|"
@@ -19,13 +20,19 @@ STAMP = re.compile(r"^(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})")
 
 def files(run: Path, rank: int | None = None) -> list[Path]:
     out = sorted(run.glob("log_rank*.txt")) if rank is None else [run / rundir.LOG_PATTERN.format(rank=rank)]
-    folders = {run / rundir.SUBMITIT_DIR}
-    record_folders = set()
-    for p in folders | record_folders:
-        if p.is_dir():
-            pattern = "*_log.*" if rank is None else f"*_{rank}_log.*"
-            out += sorted(p.glob(pattern))
-    return [p for p in out if p.is_file()]
+    record = read_json(run / rundir.RUN_JSON) or {}
+    jobs = record.get("submissions", []) + record.get("evals", [])
+    folders = {run / rundir.SUBMITIT_DIR} | {Path(s["submitit_folder"]) for s in jobs if s.get("submitit_folder")}
+    for folder in sorted(folders):
+        if not folder.is_dir():
+            continue
+        for sub in jobs:  # only this run's jobs: a sweep's folder holds every element's logs
+            if folder == run / rundir.SUBMITIT_DIR and not sub.get("submitit_folder") or \
+                    str(folder) == sub.get("submitit_folder"):
+                task = "*" if rank is None else str(rank)
+                out += sorted(folder.glob(f"{sub['job_id']}_{task}_log.*"))
+    seen: set[Path] = set()
+    return [p for p in out if p.is_file() and not (p in seen or seen.add(p))]
 
 
 def merged(run: Path, rank: int | None = None) -> list[str]:

@@ -254,7 +254,7 @@ def _one(path: Path, record: dict, view: SchedulerView) -> RunStatus:
         sched = local_state(_folder_for(latest, path), latest["job_id"]).state
         st.source = "process table"
     st.state = _decide(sched, last_end, st.summary, record, latest, path)
-    if sched is None and st.state != "COMPLETED":
+    if sched is None:  # the scheduler no longer knows the job: the state came from the run's own files
         st.source = f"{view.source}+heartbeat"
     st.last_event = _last_event(st, last_end)
     return st

@@ -15,6 +15,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,32 @@ from tla_jobs.train.signals import StopSignals
 
 log = logging.getLogger("tla.train")
 HEARTBEAT_EVERY_S = 2.0
+
+
+@dataclass
+class Progress:
+    """Where training stands; all of it goes into every checkpoint."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0  # batches of this epoch already trained (the sampler resumes after them)
+    global_step: int = 0
+    loss_sum: float = 0.0  # this epoch's running train loss, so a resumed epoch reports the same mean
+    loss_count: int = 0
+    best_acc1: float = -1.0
+    history: list = field(default_factory=list)  # metrics.jsonl rows, rewritten from here on resume
+
+    _KEYS = {"train_loss_sum": "loss_sum", "train_loss_count": "loss_count", "metrics": "history"}
+
+    def as_payload(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {next((k for k, v in self._KEYS.items() if v == name), name): val for name, val in d.items()}
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> Progress:
+        names = {f.name for f in fields(cls)}
+        kw = {cls._KEYS.get(k, k): v for k, v in payload.items() if cls._KEYS.get(k, k) in names}
+        kw["history"] = list(kw.get("history", []))
+        return cls(**kw)
 
 
 class Interrupted(Exception):
@@ -280,8 +307,7 @@ class Trainer:
             net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
         # ---- resume ----
-        epoch, step_in_epoch, global_step = 0, 0, 0
-        loss_sum, loss_count, best_acc1, history = 0.0, 0, -1.0, []
+        p = Progress()
         resumed = self._resume_payload(out)
         if resumed is not None:
             payload, digest, path = resumed
@@ -298,9 +324,7 @@ class Trainer:
                 raise CheckpointError(
                     f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}"
                 ) from None
-            epoch, step_in_epoch, global_step = payload["epoch"], payload["step_in_epoch"], payload["global_step"]
-            loss_sum, loss_count = payload["train_loss_sum"], payload["train_loss_count"]
-            best_acc1, history = payload["best_acc1"], list(payload["metrics"])
+            p = Progress.from_payload(payload)
             states = payload["rng"]
             if len(states) == info.world_size:
                 _set_rng_state(states[info.rank]["global"])
@@ -309,29 +333,29 @@ class Trainer:
                 log.warning(
                     "checkpoint has RNG states of %d ranks, this run has %d: reseeding", len(states), info.world_size
                 )
-            log.info("resumed from %s (sha256 %s…): epoch %d, step %d", path, digest[:12], epoch, step_in_epoch)
-            resumed_info = {"path": str(path), "sha256": digest, "epoch": epoch, "step": step_in_epoch}
+            log.info("resumed from %s (sha256 %s…): epoch %d, step %d", path, digest[:12], p.epoch, p.step_in_epoch)
+            resumed_info = {"path": str(path), "sha256": digest, "epoch": p.epoch, "step": p.step_in_epoch}
         else:
             resumed_info = None
 
         ds, sampler, loader = train_loader(cfg, data, img_size, info.rank, info.world_size)
         steps_per_epoch = len(sampler.base) // cfg.batch_size
         if info.is_main:
-            self._write_metrics(out, history)
+            self._write_metrics(out, p.history)
             rundir.append_event(
                 out / rundir.ATTEMPTS,
                 {
                     "event": "start",
                     **rundir.job_identity(),
                     "resumed_from": resumed_info,
-                    "epoch": epoch,
-                    "step": step_in_epoch,
-                    "global_step": global_step,
+                    "epoch": p.epoch,
+                    "step": p.step_in_epoch,
+                    "global_step": p.global_step,
                     "world_size": info.world_size,
                     "version": __version__,
                 },
             )
-        self._refuse_if_stalled(out, global_step)
+        self._refuse_if_stalled(out, p.global_step)
         log.info(
             "training %s (%s) on %s: %d images, %d classes, %d epochs x %d steps, global batch %d, lr %.2e, "
             "%d process(es) on %s",
@@ -361,21 +385,21 @@ class Trainer:
         last_beat = 0.0
         end_reason = "completed"
         try:
-            while epoch < cfg.epochs:
-                scheduler.step(epoch)
-                sampler.set_epoch(epoch, step_in_epoch * cfg.batch_size)
+            while p.epoch < cfg.epochs:
+                scheduler.step(p.epoch)
+                sampler.set_epoch(p.epoch, p.step_in_epoch * cfg.batch_size)
                 net.train()
                 t_epoch, n_images = time.monotonic(), 0
-                for images, targets in loader if step_in_epoch < steps_per_epoch else []:
+                for images, targets in loader if p.step_in_epoch < steps_per_epoch else []:
                     images = images.to(device, non_blocking=True)
                     targets = targets.to(device, non_blocking=True)
                     loss = self._step(net, mixer, criterion, optimizer, scaler, autocast, images, targets)
                     if ema is not None:
-                        ema.update(model, step=global_step)
-                    step_in_epoch += 1
-                    global_step += 1
-                    loss_sum += loss
-                    loss_count += 1
+                        ema.update(model, step=p.global_step)
+                    p.step_in_epoch += 1
+                    p.global_step += 1
+                    p.loss_sum += loss
+                    p.loss_count += 1
                     n_images += images.shape[0] * info.world_size
                     if cfg.step_delay:
                         time.sleep(cfg.step_delay)
@@ -385,72 +409,35 @@ class Trainer:
                         self._heartbeat(
                             out,
                             "training",
-                            epoch,
-                            step_in_epoch,
+                            p,
                             steps_per_epoch,
-                            global_step,
-                            loss_sum / max(loss_count, 1),
                             optimizer.param_groups[0]["lr"],
                             n_images / max(now - t_epoch, 1e-9),
                         )
                     due = cfg.checkpoint_every_min > 0 and now - last_ckpt_time >= 60 * cfg.checkpoint_every_min
-                    stop, due, limit = self._agree(due, cfg.max_steps is not None and global_step >= cfg.max_steps)
+                    stop, due, limit = self._agree(due, cfg.max_steps is not None and p.global_step >= cfg.max_steps)
                     if stop or due or limit:
-                        self._save(
-                            out,
-                            state,
-                            epoch,
-                            step_in_epoch,
-                            global_step,
-                            loss_sum,
-                            loss_count,
-                            best_acc1,
-                            history,
-                            cfg,
-                            extra_names=(),
-                        )
+                        self._save(out, state, p)
                         last_ckpt_time = time.monotonic()
                     if stop:
                         raise Interrupted(self.stop.received or "signal on another rank")
                     if limit:
                         end_reason = "max_steps"
                         break
-                if end_reason == "max_steps" and step_in_epoch < steps_per_epoch:
+                if end_reason == "max_steps" and p.step_in_epoch < steps_per_epoch:
                     break
-                # ---- end of epoch: evaluate, record, checkpoint ----
+                # ---- end of p.epoch: evaluate, record, checkpoint ----
                 if info.is_main:
-                    self._heartbeat(
-                        out,
-                        "evaluating",
-                        epoch,
-                        step_in_epoch,
-                        steps_per_epoch,
-                        global_step,
-                        loss_sum / max(loss_count, 1),
-                        optimizer.param_groups[0]["lr"],
-                        0.0,
-                    )
+                    self._heartbeat(out, "evaluating", p, steps_per_epoch, optimizer.param_groups[0]["lr"])
                 seconds = time.monotonic() - t_epoch
                 res = self._evaluate(model, data, img_size, abortable=True)
-                if res is None:  # a stop signal came during evaluation: the epoch's training is saved
-                    self._save(
-                        out,
-                        state,
-                        epoch,
-                        step_in_epoch,
-                        global_step,
-                        loss_sum,
-                        loss_count,
-                        best_acc1,
-                        history,
-                        cfg,
-                        extra_names=(),
-                    )
+                if res is None:  # a stop signal came during evaluation: the p.epoch's training is saved
+                    self._save(out, state, p)
                     raise Interrupted(self.stop.received or "signal on another rank")
-                train_loss = torch.tensor([loss_sum, loss_count], dtype=torch.float64, device=device)
+                train_loss = torch.tensor([p.loss_sum, p.loss_count], dtype=torch.float64, device=device)
                 tdist.all_reduce_sum(train_loss, info)
                 row = {
-                    "epoch": epoch,
+                    "epoch": p.epoch,
                     "train_loss": train_loss[0].item() / max(train_loss[1].item(), 1),
                     "lr": optimizer.param_groups[0]["lr"],
                     "val_loss": res["loss"],
@@ -458,45 +445,47 @@ class Trainer:
                     "acc5": res["acc5"],
                     "images_per_s": n_images / max(seconds, 1e-9),
                     "epoch_s": seconds,
-                    "global_step": global_step,
+                    "global_step": p.global_step,
                     "time": time.time(),
                 }
-                history.append(row)
-                is_best = res["acc1"] > best_acc1
-                best_acc1 = max(best_acc1, res["acc1"])
+                p.history.append(row)
+                is_best = res["acc1"] > p.best_acc1
+                p.best_acc1 = max(p.best_acc1, res["acc1"])
                 log.info(
                     "epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.2f, top-5 %.2f (best %.2f), %.0f img/s",
-                    epoch + 1,
+                    p.epoch + 1,
                     cfg.epochs,
                     row["train_loss"],
                     res["loss"],
                     res["acc1"],
                     res["acc5"],
-                    best_acc1,
+                    p.best_acc1,
                     row["images_per_s"],
                 )
-                epoch, step_in_epoch, loss_sum, loss_count = epoch + 1, 0, 0.0, 0
+                p.epoch, p.step_in_epoch, p.loss_sum, p.loss_count = p.epoch + 1, 0, 0.0, 0
                 extra = [ckpt.BEST] if is_best else []
-                if cfg.checkpoint_every_epochs and epoch % cfg.checkpoint_every_epochs == 0:
-                    extra.append(f"checkpoint_epoch{epoch}.pth")
-                self._save(out, state, epoch, 0, global_step, 0.0, 0, best_acc1, history, cfg, extra_names=extra)
+                if cfg.checkpoint_every_epochs and p.epoch % cfg.checkpoint_every_epochs == 0:
+                    extra.append(f"checkpoint_epoch{p.epoch}.pth")
+                self._save(out, state, p, extra)
                 last_ckpt_time = time.monotonic()
                 if info.is_main:
-                    self._write_metrics(out, history)
+                    self._write_metrics(out, p.history)
                 if end_reason == "max_steps":
                     break
         except Interrupted as exc:
-            log.warning("stopped by %s at epoch %d step %d; checkpoint written", exc.signame, epoch, step_in_epoch)
+            log.warning(
+                "stopped by %s at p.epoch %d step %d; checkpoint written", exc.signame, p.epoch, p.step_in_epoch
+            )
             if info.is_main:
-                self._heartbeat(out, "interrupted", epoch, step_in_epoch, steps_per_epoch, global_step, 0.0, 0.0, 0.0)
+                self._heartbeat(out, "interrupted", p, steps_per_epoch)
                 rundir.append_event(
                     out / rundir.ATTEMPTS,
                     {
                         "event": "end",
                         "reason": f"signal:{exc.signame}",
-                        "epoch": epoch,
-                        "step": step_in_epoch,
-                        "global_step": global_step,
+                        "epoch": p.epoch,
+                        "step": p.step_in_epoch,
+                        "global_step": p.global_step,
                         **rundir.job_identity(),
                     },
                 )
@@ -512,8 +501,8 @@ class Trainer:
                         "event": "end",
                         "reason": "error",
                         "error": f"{exc.__class__.__name__}: {exc}"[:500],
-                        "epoch": epoch,
-                        "step": step_in_epoch,
+                        "epoch": p.epoch,
+                        "step": p.step_in_epoch,
                         **rundir.job_identity(),
                     },
                 )
@@ -521,17 +510,17 @@ class Trainer:
 
         # Every rank logs a checksum of its weights: replicas that drifted apart show up here.
         log.info("final weights checksum %s", weights_checksum(model))
-        summary = self._summary(history, epoch, global_step, end_reason, num_classes)
+        summary = self._summary(p, end_reason, num_classes)
         if info.is_main:
             atomic_write_json(out / rundir.SUMMARY, summary)
-            self._heartbeat(out, "finished", epoch, 0, steps_per_epoch, global_step, 0.0, 0.0, 0.0)
+            self._heartbeat(out, "finished", p, steps_per_epoch)
             rundir.append_event(
                 out / rundir.ATTEMPTS,
                 {
                     "event": "end",
                     "reason": end_reason,
-                    "epoch": epoch,
-                    "global_step": global_step,
+                    "epoch": p.epoch,
+                    "global_step": p.global_step,
                     **rundir.job_identity(),
                 },
             )
@@ -550,8 +539,13 @@ class Trainer:
             if self.info.is_main:
                 rundir.append_event(
                     out / rundir.ATTEMPTS,
-                    {"event": "end", "reason": "stalled", "error": msg, "global_step": global_step,
-                     **rundir.job_identity()},
+                    {
+                        "event": "end",
+                        "reason": "stalled",
+                        "error": msg,
+                        "global_step": global_step,
+                        **rundir.job_identity(),
+                    },
                 )
             raise TlaError(msg)
 
@@ -601,10 +595,8 @@ class Trainer:
         return bool(flags[0] > 0), bool(flags[1] > 0), bool(flags[2] > 0)
 
     # ---- files -----------------------------------------------------------------------------------
-    def _save(
-        self, out, state, epoch, step_in_epoch, global_step, loss_sum, loss_count, best_acc1, history, cfg, extra_names
-    ) -> None:
-        info = self.info
+    def _save(self, out: Path, state: dict, p: Progress, extra_names=()) -> None:
+        info, cfg = self.info, self.cfg
         rng = tdist.gather_objects({"global": _rng_state(), "mix": state["mix_gen"].get_state()}, info)
         if info.is_main:
             payload = {
@@ -618,13 +610,7 @@ class Trainer:
                 "scheduler": state["scheduler"].state_dict(),
                 "scaler": state["scaler"].state_dict() if state["scaler"] is not None else None,
                 "ema": state["ema"].module.state_dict() if state["ema"] is not None else None,
-                "epoch": epoch,
-                "step_in_epoch": step_in_epoch,
-                "global_step": global_step,
-                "train_loss_sum": loss_sum,
-                "train_loss_count": loss_count,
-                "best_acc1": best_acc1,
-                "metrics": history,
+                **p.as_payload(),
                 "rng": rng,
                 "time": time.time(),
             }
@@ -639,17 +625,19 @@ class Trainer:
 
         atomic_write_text(out / rundir.METRICS, "".join(json.dumps(r) + "\n" for r in history))
 
-    def _heartbeat(self, out, phase, epoch, step, steps_per_epoch, global_step, loss, lr, ips) -> None:
+    def _heartbeat(
+        self, out: Path, phase: str, p: Progress, steps_per_epoch: int, lr: float = 0.0, ips: float = 0.0
+    ) -> None:
         atomic_write_json(
             out / rundir.HEARTBEAT,
             {
                 "phase": phase,
-                "epoch": epoch,
+                "epoch": p.epoch,
                 "epochs": self.cfg.epochs,
-                "step": step,
+                "step": p.step_in_epoch,
                 "steps_per_epoch": steps_per_epoch,
-                "global_step": global_step,
-                "train_loss": loss,
+                "global_step": p.global_step,
+                "train_loss": p.loss_sum / max(p.loss_count, 1),
                 "lr": lr,
                 "images_per_s": ips,
                 "time": time.time(),
@@ -658,7 +646,8 @@ class Trainer:
             },
         )
 
-    def _summary(self, history, epoch, global_step, reason, num_classes) -> dict:
+    def _summary(self, p: Progress, reason: str, num_classes: int) -> dict:
+        history, epoch, global_step = p.history, p.epoch, p.global_step
         best = max(history, key=lambda r: r["acc1"]) if history else None
         last = history[-1] if history else None
         return {
