@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tla_jobs.rundir import metrics_summary
+
 
 def make_runs(root: Path, n: int) -> None:
     for i in range(n):
@@ -26,11 +28,12 @@ def make_runs(root: Path, n: int) -> None:
             "name": d.name, "spec": {"model": "deit_tiny_patch16_224", "epochs": 300, "tl_align": True},
             "profile": {"executor": "local"}, "submissions": [{"job_id": str(4_000_000 + i), "executor": "local"}],
             "evals": []}))
-        (d / "heartbeat.json").write_text(json.dumps({"phase": "finished", "epoch": 300, "time": time.time()}))
+        rows = [{"epoch": e, "acc1": 50 + e / 10, "acc5": 90.0, "epoch_s": 60.0} for e in range(300)]
+        (d / "heartbeat.json").write_text(json.dumps({"phase": "finished", "epoch": 300, "time": time.time(),
+                                                      "progress": metrics_summary(rows)}))
         (d / "attempts.jsonl").write_text(json.dumps({"event": "start", "epoch": 0, "global_step": 0}) + "\n"
                                           + json.dumps({"event": "end", "reason": "completed", "epoch": 300}) + "\n")
-        (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "acc1": 50 + e / 10, "acc5": 90.0,
-                                                             "epoch_s": 60.0}) + "\n" for e in range(300)))
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (d / "summary.json").write_text(json.dumps({"best_acc1": 80.0}))
 
 

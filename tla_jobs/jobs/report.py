@@ -36,8 +36,8 @@ def rows(statuses: list[RunStatus], paper: bool = False) -> list[dict]:
     out = []
     for st in statuses:
         spec = st.spec
-        best = max(st.metrics, key=lambda m: m["acc1"]) if st.metrics else {}
-        last = st.metrics[-1] if st.metrics else {}
+        best = st.progress["best"] or {}
+        last = st.progress["last"] or {}
         ev = _latest_eval(st) or {}
         row = {
             "run": st.name, "state": st.state, "model": spec.get("model", ""),
@@ -108,7 +108,7 @@ def plot(statuses: list[RunStatus], out: Path) -> Path:
     ax.set_ylabel("val top-1 (%)")
     ax.set_title("Validation top-1 per epoch")
     ax.grid(alpha=0.3)
-    if any(st.metrics for st in statuses):
+    if any(st.progress["epochs_done"] for st in statuses):
         ax.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

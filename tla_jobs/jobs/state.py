@@ -162,32 +162,48 @@ class RunStatus:
     jobs: list[JobRecord] = field(default_factory=list)
     heartbeat: dict | None = None
     summary: dict | None = None
-    metrics: list[dict] = field(default_factory=list)
     gpu_hours: float = 0.0
     last_event: str = ""
+    _metrics: list[dict] | None = None
 
     @property
     def spec(self) -> dict:
         return self.record.get("spec", {})
 
     @property
+    def metrics(self) -> list[dict]:
+        """The whole history (plots); read on first use only."""
+        if self._metrics is None:
+            self._metrics = read_jsonl(self.path / rundir.METRICS)
+        return self._metrics
+
+    @property
+    def progress(self) -> dict:
+        """Epochs done, best and last rows: from the heartbeat when it has them (cheap), else
+        computed from metrics.jsonl (runs written by older versions)."""
+        beat = self.heartbeat or {}
+        if isinstance(beat.get("progress"), dict):
+            return beat["progress"]
+        return rundir.metrics_summary(self.metrics)
+
+    @property
     def epoch(self) -> int:
-        if self.metrics:
-            return self.metrics[-1]["epoch"] + 1
-        return 0
+        return self.progress["epochs_done"]
 
     @property
     def best_acc1(self):
-        return max((m["acc1"] for m in self.metrics), default=None)
+        best = self.progress["best"]
+        return best["acc1"] if best else None
 
     @property
     def last_acc1(self):
-        return self.metrics[-1]["acc1"] if self.metrics else None
+        last = self.progress["last"]
+        return last["acc1"] if last else None
 
     def eta_s(self) -> float | None:
-        if self.state not in ("RUNNING", "PENDING") or not self.metrics:
+        per_epoch = self.progress.get("mean_epoch_s")
+        if self.state not in ("RUNNING", "PENDING") or not per_epoch:
             return None
-        per_epoch = sum(m["epoch_s"] for m in self.metrics) / len(self.metrics)
         return per_epoch * max(0, self.spec.get("epochs", 0) - self.epoch)
 
 
@@ -228,7 +244,6 @@ def _one(path: Path, record: dict, view: SchedulerView) -> RunStatus:
     st.attempts = attempts_of(path)
     st.heartbeat = read_json(path / rundir.HEARTBEAT)
     st.summary = read_json(path / rundir.SUMMARY)
-    st.metrics = read_jsonl(path / rundir.METRICS)
     subs = record.get("submissions", [])
     for sub in subs:
         if sub.get("executor") == "slurm":

@@ -470,6 +470,7 @@ class Trainer:
                 last_ckpt_time = time.monotonic()
                 if info.is_main:
                     self._write_metrics(out, p.history)
+                    self._heartbeat(out, "training", p, steps_per_epoch, optimizer.param_groups[0]["lr"])
                 if end_reason == "max_steps":
                     break
         except Interrupted as exc:
@@ -642,6 +643,7 @@ class Trainer:
                 "images_per_s": ips,
                 "time": time.time(),
                 "world_size": self.info.world_size,
+                "progress": rundir.metrics_summary(p.history),
                 **rundir.job_identity(),
             },
         )

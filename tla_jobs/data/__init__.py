@@ -1,0 +1,1 @@
+"""Data: checks of the ImageFolder layout, the bundled datasets, and resumable loaders."""

@@ -1,0 +1,165 @@
+"""Train and eval loaders: timm's transforms and samplers, made exactly resumable.
+
+Two things timm and torch lack, written here:
+- `ResumableSampler` starts an epoch part-way (after the samples already trained on), so a run
+  resumed mid-epoch sees the same remaining samples in the same order as one never stopped.
+- `SeededSamples` draws each sample's augmentation from a seed of (run seed, epoch, rank, position)
+  instead of from the loader workers' RNG, so augmentations do not depend on how many workers ran
+  or when the loader was (re)started.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import auto_augment as _aa
+from timm.data import create_transform
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision.datasets import ImageFolder
+
+from tla_jobs.errors import DataError
+from tla_jobs.train.config import TrainConfig
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as DeiT uses
+
+
+def _posterize(img, bits_to_keep, **__):
+    # timm's RandAugment asks for 0 bits at high magnitudes ('inc1'); Pillow >= 12.1 rejects
+    # bits < 1. Keeping 0 bits used to give a black image, so give that.
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    from PIL import ImageOps
+
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+for _name, _op in list(_aa.NAME_TO_OP.items()):
+    if _op is _aa.posterize:
+        _aa.NAME_TO_OP[_name] = _posterize
+
+
+def build_transforms(cfg: TrainConfig, size: int):
+    """DeiT's train transform (RandAugment, random erasing, RandomResizedCrop) and eval transform
+    (resize to size/0.875, centre crop), both from timm."""
+    train = create_transform(
+        size,
+        is_training=True,
+        scale=(cfg.crop_scale, 1.0),
+        color_jitter=cfg.color_jitter,
+        auto_augment=cfg.aa,
+        interpolation=cfg.interpolation,
+        re_prob=cfg.reprob,
+        re_mode="pixel",
+        re_count=1,
+        mean=MEAN,
+        std=STD,
+    )
+    evaluate = create_transform(size, is_training=False, interpolation=cfg.interpolation, crop_pct=0.875,
+                                mean=MEAN, std=STD)
+    return train, evaluate
+
+
+def _loader(path: str) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except OSError as exc:
+        raise DataError(f"unreadable image {path}: {exc}") from None
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset; an item is (index, seed) and its transform runs under that seed."""
+
+    def __init__(self, base: ImageFolder):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        return self.base[index]
+
+
+class ResumableSampler(Sampler):
+    """One epoch of `base` (a timm/torch distributed sampler), from sample `start` on, with seeds."""
+
+    def __init__(self, base: Sampler, seed: int, rank: int):
+        self.base, self.seed, self.rank = base, seed, rank
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+        self.base.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = list(self.base)
+        base_seed = (self.seed * 1_000_003 + self.epoch) * 10_007 + self.rank
+        for pos in range(self.start, len(order)):
+            yield order[pos], (base_seed * 100_003 + pos) % 2**63
+
+    def __len__(self) -> int:
+        return max(len(self.base) - self.start, 0)
+
+
+class _Shard(Sampler):
+    """Every world_size-th sample from `rank`: an exact partition (DistributedSampler pads)."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _folder(data: Path, split: str, transform) -> ImageFolder:
+    return ImageFolder(str(data / split), transform=transform, loader=_loader)
+
+
+def train_loader(cfg: TrainConfig, data: Path, img_size: int, rank: int, world_size: int):
+    """(dataset, ResumableSampler, DataLoader) of this rank's share of the training split."""
+    train_tf, _ = build_transforms(cfg, img_size)
+    ds = _folder(data, "train", train_tf)
+    if len(ds) < cfg.batch_size * world_size:
+        raise DataError(f"{data / 'train'} has {len(ds)} images, fewer than one global batch "
+                        f"({cfg.batch_size} x {world_size})")
+    if cfg.repeated_aug:
+        base = RepeatAugSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, num_repeats=3)
+    else:
+        base = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
+                                  drop_last=True)
+    sampler = ResumableSampler(base, cfg.seed, rank)
+    loader = DataLoader(
+        SeededSamples(ds),
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=True,
+        persistent_workers=False,  # a new epoch may start part-way; workers are restarted per epoch
+    )
+    return ds, sampler, loader
+
+
+def eval_loader(cfg: TrainConfig, data: Path, img_size: int, rank: int, world_size: int):
+    """(dataset, DataLoader) of the val split: all of it, or this rank's shard with --dist-eval."""
+    _, eval_tf = build_transforms(cfg, img_size)
+    ds = _folder(data, "val", eval_tf)
+    sampler = _Shard(len(ds), rank, world_size) if cfg.dist_eval and world_size > 1 else None
+    loader = DataLoader(ds, batch_size=max(cfg.batch_size, 64), sampler=sampler, shuffle=False,
+                        num_workers=cfg.workers, pin_memory=torch.cuda.is_available())
+    return ds, loader

@@ -1,0 +1,135 @@
+"""`tla data prepare`: small real datasets that ship with packages, written as an ImageFolder.
+
+- fashion-mnist: Debian's `dataset-fashion-mnist` (IDX files under /usr/share/datasets, MIT licence),
+  60,000 train / 10,000 val 28x28 greyscale images of 10 clothing classes;
+- digits: scikit-learn's bundled 8x8 digits (1,797 images), every 5th image of a class held out.
+
+Nothing is downloaded. The folder is built beside its destination and renamed into place when
+complete, so a crash leaves no half-written dataset and several ranks preparing it at once are
+harmless (the first rename wins; the others find the finished folder).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from tla_jobs.errors import DataError
+
+MARKER = ".tla-dataset"
+FMNIST_DIR = Path(os.environ.get("TLA_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+FMNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                  "ankle-boot")
+NAMES = ("fashion-mnist", "digits")
+
+Sample = tuple[str, int, np.ndarray]  # split, label, HxW uint8 image
+
+
+def _idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format: big-endian dims after a magic number)."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file")
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _limited(labels: np.ndarray, limit: int | None) -> np.ndarray:
+    """Indices keeping at most `limit` images per class, in the original order."""
+    if limit is None:
+        return np.arange(len(labels))
+    keep, seen = [], {}
+    for i, y in enumerate(labels.tolist()):
+        if seen.get(y, 0) < limit:
+            seen[y] = seen.get(y, 0) + 1
+            keep.append(i)
+    return np.asarray(keep)
+
+
+def _fashion_mnist(limit: int | None) -> tuple[list[str], int, Iterator[Sample]]:
+    files = {k: FMNIST_DIR / f"{k}-idx{n}-ubyte.gz" for k, n in
+             [("train-images", 3), ("train-labels", 1), ("t10k-images", 3), ("t10k-labels", 1)]}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise DataError(f"Fashion-MNIST not found ({missing[0]}): apt-get install dataset-fashion-mnist, "
+                        "or use `digits`")
+    parts = []
+    for split, stem in (("train", "train"), ("val", "t10k")):
+        images, labels = _idx(files[f"{stem}-images"]), _idx(files[f"{stem}-labels"])
+        keep = _limited(labels, limit)
+        parts.append((split, images[keep], labels[keep]))
+
+    def samples():
+        for split, images, labels in parts:
+            for img, y in zip(images, labels.tolist()):
+                yield split, y, img
+
+    classes = [f"{i}-{name}" for i, name in enumerate(FMNIST_CLASSES)]
+    return classes, sum(len(p[2]) for p in parts), samples()
+
+
+def _digits(limit: int | None) -> tuple[list[str], int, Iterator[Sample]]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("the digits dataset needs scikit-learn: pip install 'tla-jobs[data]'") from None
+    d = load_digits()
+    images = np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    labels = d.target
+    split = np.empty(len(labels), dtype=object)
+    for y in np.unique(labels):
+        idx = np.flatnonzero(labels == y)
+        split[idx] = ["val" if k % 5 == 4 else "train" for k in range(len(idx))]
+    keep = np.concatenate([np.flatnonzero(split == "train")[_limited(labels[split == "train"], limit)],
+                           np.flatnonzero(split == "val")[_limited(labels[split == "val"], limit)]])
+    keep.sort()
+    return [str(i) for i in range(10)], len(keep), ((split[i], int(labels[i]), images[i]) for i in keep)
+
+
+def prepare(name: str, dest: str | os.PathLike, limit: int | None = None,
+            progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write dataset `name` to DEST/{train,val}/CLASS/N.png and return DEST (kept if already prepared)."""
+    from PIL import Image
+
+    if name not in NAMES:
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(NAMES)}")
+    dest = Path(dest).expanduser().absolute()
+    if (dest / MARKER).is_file():
+        return dest
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise DataError(f"{dest} exists and is not a prepared dataset; choose an empty or new folder")
+    classes, total, samples = _fashion_mnist(limit) if name == "fashion-mnist" else _digits(limit)
+    tmp = dest.parent / f".{dest.name}.preparing-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    counts = {"train": 0, "val": 0}
+    try:
+        for split in counts:
+            for c in classes:
+                (tmp / split / c).mkdir(parents=True)
+        for n, (split, y, img) in enumerate(samples):
+            Image.fromarray(img).save(tmp / split / classes[y] / f"{n:05d}.png")
+            counts[split] += 1
+            if progress and (n % 500 == 0 or n + 1 == total):
+                progress(n + 1, total)
+        (tmp / MARKER).write_text(json.dumps({"name": name, "limit": limit, **counts}) + "\n")
+        if dest.is_dir():
+            dest.rmdir()  # empty (checked above)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not (dest / MARKER).is_file():  # not another rank's finished copy: a real problem
+                raise
+    except OSError as exc:
+        raise DataError(f"cannot prepare {name} in {dest}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
