@@ -50,7 +50,7 @@ def wait_for(predicate, timeout=180, every=0.5):
 
 
 def test_help_and_fast_commands_do_not_import_torch(env):
-    for args in (["--help"], ["status"], ["report"], ["status", "--json"]):
+    for args in (["--help"], ["status"], ["report"], ["status", "--json"], ["logs", "no-such-run"]):
         code = (f"import sys; from tla_jobs.cli import app; sys.argv=['tla', *{args!r}]\n"
                 "try:\n    app()\nexcept SystemExit:\n    pass\n"
                 "bad=[m for m in ('torch','timm') if m in sys.modules]\n"

@@ -96,9 +96,11 @@ def test_tl_align_learns_digits_and_eval_only_reproduces(digits, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_at_random_steps_then_resume_is_exact(digits, tmp_path):
-    args = [*FAST, "--data-path", digits, "--epochs", "2", "--checkpoint-every-min", "0.0005"]
+    # --step-delay keeps each attempt alive long enough to be killed (heartbeats come every 2 s);
+    # it sleeps between steps and changes nothing that is computed.
+    args = [*FAST, "--data-path", digits, "--epochs", "3", "--checkpoint-every-min", "0.0005", "--step-delay", "0.05"]
     reference = tmp_path / "reference"
-    run_tla("train", *args, "--output-dir", reference, check=True)
+    run_tla("train", *args, "--output-dir", reference, check=True, timeout=900)
 
     killed = tmp_path / "killed"
     rng = random.Random(1234)

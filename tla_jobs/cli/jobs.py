@@ -106,10 +106,16 @@ def submit_train(
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)  # no job was queued: leave nothing behind
         raise
+    _announce({"run": name, "run_dir": str(run_dir), **entry}, as_json, follow, run_dir,
+              f"submitted [bold]{name}[/] as {profile.executor} job {entry['job_id']}  ({run_dir})")
+
+
+def _announce(entry: dict, as_json: bool, follow: bool, run_dir: Path, text: str) -> None:
+    """Say what was submitted (a line, or JSON for scripts), then optionally follow it to its end."""
     if as_json:
-        typer.echo(json.dumps({"run": name, "run_dir": str(run_dir), **entry}))
+        typer.echo(json.dumps(entry))
     else:
-        console.print(f"submitted [bold]{name}[/] as {profile.executor} job {entry['job_id']}  ({run_dir})")
+        console.print(text)
     if follow:
         from tla_jobs.cli.status import follow_run
 
@@ -274,14 +280,8 @@ def resume(
     plan = Plan(run_dir.name, run_dir, profile, [spec])
     records.update(run_dir, lambda r: (r.update(profile=profile.model_dump(), cancelled=False)))
     entry = do_submit(plan, reason="resume")
-    if as_json:
-        typer.echo(json.dumps(entry))
-    else:
-        console.print(f"resumed [bold]{run_dir.name}[/] as {profile.executor} job {entry['job_id']}")
-    if follow:
-        from tla_jobs.cli.status import follow_run
-
-        raise typer.Exit(follow_run(run_dir))
+    _announce(entry, as_json, follow, run_dir,
+              f"resumed [bold]{run_dir.name}[/] as {profile.executor} job {entry['job_id']}")
 
 
 @app.command("cancel")

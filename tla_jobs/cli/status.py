@@ -25,6 +25,14 @@ STYLE = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "REQUEUED
          "CANCELLED": "magenta", "TIMEOUT": "red", "STOPPED": "magenta"}
 
 
+HIDE_AFTER_DAYS = 14  # `tla status` without --all leaves out runs that ended longer ago
+
+
+def _last_activity(st) -> float:
+    return max((st.heartbeat or {}).get("time", 0), st.record.get("created", 0),
+               *(s.get("submitted", 0) for s in st.record.get("submissions", [])))
+
+
 def _paths(runs: list[str] | None, all_runs: bool) -> list[Path]:
     from tla_jobs.jobs import records
 
@@ -118,7 +126,7 @@ def _detail(st) -> None:
 def status(
     runs: list[str] = typer.Argument(None, help="Runs to show (default: every run under the runs root)."),
     watch: bool = typer.Option(False, "--watch", help="Refresh every 2 s until every run shown has ended."),
-    all_runs: bool = typer.Option(False, "--all", help="Also runs that ended (default: all shown)."),
+    all_runs: bool = typer.Option(False, "--all", help=f"Also runs that ended over {HIDE_AFTER_DAYS} days ago."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """A table of runs (state from one sacct call, squeue or the trainer's heartbeat); one run: its attempts."""
@@ -126,13 +134,19 @@ def status(
 
     paths = _paths(runs, all_runs)
     statuses = collect(paths)
+    hidden = 0
+    if not runs and not all_runs:
+        cutoff = time.time() - HIDE_AFTER_DAYS * 86400
+        shown = [st for st in statuses if st.state not in FINAL or _last_activity(st) >= cutoff]
+        hidden, statuses = len(statuses) - len(shown), shown
+        paths = [st.path for st in statuses]
     if as_json:
         typer.echo(json.dumps([_status_json(s) for s in statuses], default=str, indent=2))
         return
     if not statuses:
         from tla_jobs.jobs.records import runs_root
 
-        console.print(f"no runs under {runs_root()}")
+        console.print(f"no runs under {runs_root()}" + (f" but {hidden} that ended long ago (--all)" if hidden else ""))
         return
     if watch:
         with Live(_table(statuses), console=console, refresh_per_second=1) as live:
@@ -145,6 +159,8 @@ def status(
         _detail(statuses[0])
     else:
         console.print(_table(statuses))
+    if hidden:
+        console.print(f"{hidden} run(s) that ended over {HIDE_AFTER_DAYS} days ago are not shown (--all shows them)")
 
 
 def follow_run(run_dir: Path) -> int:
@@ -220,6 +236,9 @@ def report(
     plot: Path = typer.Option(None, "--plot", help="Write a PNG of val top-1 per epoch for these runs."),
     paper: bool = typer.Option(False, "--paper", help="Add the paper's ImageNet top-1 for the model and arm."),
     output: Path = typer.Option(None, "--output", "-o", help="Write the report to this file too."),
+    sweep: str = typer.Option(None, "--sweep", help="Only the runs of this sweep (`tla submit sweep --name`)."),
+    by_arm: bool = typer.Option(False, "--by-arm", help="One row per model and mixing arm: mean ± std over its "
+                                "runs (seeds); the plot shows each arm's mean curve."),
 ) -> None:
     """One row per run: model, mixing, epochs, best/last top-1/top-5, eval-job results, GPU-hours."""
     from tla_jobs.jobs import report as R
@@ -228,7 +247,15 @@ def report(
     if fmt not in ("table", "md", "csv", "json"):
         raise TlaError(f"--format must be table, md, csv or json, not {fmt!r}")
     statuses = collect(_paths(runs, True))
+    if sweep:
+        statuses = [st for st in statuses if st.record.get("sweep") == sweep]
+        if not statuses:
+            raise TlaError(f"no runs of a sweep named {sweep!r}")
     table = R.rows(statuses, paper=paper)
+    if by_arm:
+        table = R.grouped(table)
+        if fmt in ("table", "md"):
+            table = R.with_std(table)
     if fmt == "table":
         t = Table()
         cols = list(table[0].keys()) if table else R.COLUMNS
@@ -244,7 +271,7 @@ def report(
     if output:
         output.write_text(text)
     if plot:
-        out = R.plot(statuses, plot)
+        out = R.plot(statuses, plot, by_arm=by_arm)
         console.print(f"plot: {out.resolve()}")
 
 

@@ -53,6 +53,45 @@ def rows(statuses: list[RunStatus], paper: bool = False) -> list[dict]:
     return out
 
 
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, var**0.5
+
+
+def grouped(table: list[dict]) -> list[dict]:
+    """One row per (model, mixing): the number of runs and mean ± sample std of their accuracies
+    (seeds of the same arm, as an ablation reports them)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in table:
+        groups.setdefault((r["model"], r["mixing"]), []).append(r)
+    out = []
+    for (model, mixing), rs in groups.items():
+        row = {"model": model, "mixing": mixing, "runs": len(rs),
+               "finished": sum(r["state"] == "COMPLETED" for r in rs)}
+        for key in ("best_acc1", "best_acc5", "last_acc1", "last_acc5"):
+            mean, std = _mean_std([r[key] for r in rs if r[key] is not None])
+            row[key], row[f"{key}_std"] = mean, std
+        if "paper_acc1" in rs[0]:
+            row["paper_acc1"] = rs[0]["paper_acc1"]
+        out.append(row)
+    return out
+
+
+def with_std(table: list[dict]) -> list[dict]:
+    """Grouped rows for people: 'mean ± std' strings instead of separate columns."""
+    out = []
+    for r in table:
+        row = {k: v for k, v in r.items() if not k.endswith("_std")}
+        for k in list(row):
+            if f"{k}_std" in r and row[k] is not None:
+                row[k] = f"{row[k]:.2f} ± {r[k + '_std']:.2f}"
+        out.append(row)
+    return out
+
+
 def _mixing(spec: dict) -> str:
     if not spec:
         return ""
@@ -93,14 +132,30 @@ def as_json(table: list[dict]) -> str:
     return json.dumps(table, indent=2)
 
 
-def plot(statuses: list[RunStatus], out: Path) -> Path:
+def plot(statuses: list[RunStatus], out: Path, by_arm: bool = False) -> Path:
+    """Val top-1 per epoch: one line per run, or with `by_arm` the mean over each (model, mixing)
+    group's runs with a band of ± one std."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for st in statuses:
+    if by_arm:
+        groups: dict[str, list[list[float]]] = {}
+        for st in statuses:
+            if st.metrics:
+                key = f"{st.spec.get('model', '')} {_mixing(st.spec)}"
+                groups.setdefault(key, []).append([m["acc1"] for m in st.metrics])
+        for key, curves in sorted(groups.items()):
+            n = min(len(c) for c in curves)
+            stats = [_mean_std([c[e] for c in curves]) for e in range(n)]
+            xs = list(range(1, n + 1))
+            mean = [m for m, _ in stats]
+            line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{key} (n={len(curves)})")
+            ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], color=line.get_color(),
+                            alpha=0.15)
+    for st in [] if by_arm else statuses:
         if st.metrics:
             ax.plot([m["epoch"] + 1 for m in st.metrics], [m["acc1"] for m in st.metrics], marker="o", ms=3,
                     label=f"{st.name} ({_mixing(st.spec)})")

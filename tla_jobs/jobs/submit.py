@@ -302,7 +302,15 @@ def submit_sweep(plans: list[Plan], profile: Profile, sweep_dir: Path, name: str
     specs = [p.specs[0] for p in plans]
     ex = make_executor(profile, sweep_dir, name, plans[0].run_dir, specs[0].get("data_path", ""),
                        array_size=len(specs))
-    with _submitting(profile, sweep_dir):
+    from unittest import mock
+
+    threads = {}
+    if profile.executor == "local":
+        # submitit's local executor starts every element at once: share this machine's cores between
+        # them instead of giving each all of them (24 threads on 2 cores run slower than 2).
+        per_run = max(1, (os.cpu_count() or 1) // (len(specs) * profile.local.tasks))
+        threads = {"TLA_CPU_THREADS": str(per_run)}
+    with _submitting(profile, sweep_dir), mock.patch.dict(os.environ, threads):
         jobs = ex.map_array(TrainJob(), specs)
     out = []
     for index, (plan, job) in enumerate(zip(plans, jobs)):

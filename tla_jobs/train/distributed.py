@@ -54,8 +54,10 @@ def init(timeout_min: float = 30.0) -> DistInfo:
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-        # Share the cores between the processes of this node instead of oversubscribing them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        # Share the cores between the processes of this node instead of oversubscribing them
+        # (TLA_CPU_THREADS: set by a local sweep that runs several trainings side by side).
+        threads = int(os.environ.get("TLA_CPU_THREADS", "0")) or (os.cpu_count() or 1) // max(1, local_world)
+        torch.set_num_threads(max(1, threads))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if cuda else "gloo",

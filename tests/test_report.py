@@ -1,0 +1,93 @@
+"""`tla report` across runs: per-arm mean ± std (an ablation's table), sweep selection, the paper
+column and the per-arm plot, on real run directories as a finished sweep leaves them."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_tla
+
+from tla_jobs.rundir import metrics_summary
+
+ARMS = {  # the spec fields `tla submit sweep` writes for each arm
+    "tla": {"tl_align": True},
+    "grid": {"tl_align": False, "mixup": 0.0, "cutmix_grid": True, "model_ema": False},
+}
+ACC = {("tla", 0): 71.0, ("tla", 1): 73.0, ("tla", 2): 75.0, ("grid", 0): 70.0, ("grid", 1): 70.5,
+       ("grid", 2): 71.5}
+
+
+def _run(root, name, model, arm, seed, sweep, acc):
+    d = root / name
+    d.mkdir(parents=True)
+    spec = {"model": model, "epochs": 3, "seed": seed, **ARMS[arm]}
+    # a local job whose process has ended (no such pid), as a finished sweep leaves it
+    record = {"name": name, "spec": spec, "sweep": sweep, "profile": {"executor": "local"},
+              "submissions": [{"job_id": "4999999", "executor": "local", "submitted": time.time()}],
+              "evals": []}
+    (d / "run.json").write_text(json.dumps(record))
+    rows = [{"epoch": e, "acc1": acc - 2 + e, "acc5": 95.0 + e, "epoch_s": 10.0} for e in range(3)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "heartbeat.json").write_text(json.dumps({"phase": "finished", "epoch": 3, "epochs": 3, "time": time.time(),
+                                                  "progress": metrics_summary(rows)}))
+    (d / "summary.json").write_text(json.dumps({"state": "completed", "best_acc1": acc}))
+    (d / "attempts.jsonl").write_text(json.dumps({"event": "start", "epoch": 0, "global_step": 0, "time": time.time()})
+                                      + "\n" + json.dumps({"event": "end", "reason": "completed", "epoch": 3}) + "\n")
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    for (arm, seed), acc in ACC.items():
+        _run(root, f"abl-{arm}-s{seed}", "deit_tiny_patch16_224", arm, seed, "abl", acc)
+    _run(root, "other-tla-s0", "deit_tiny_patch16_224", "tla", 0, "other", 10.0)  # another sweep: left out
+    return {"TLA_RUNS": str(root)}
+
+
+def test_by_arm_gives_mean_and_sample_std_per_arm(runs):
+    proc = run_tla("report", "--sweep", "abl", "--by-arm", "--paper", "--format", "json", env=runs, check=True)
+    table = {r["mixing"]: r for r in json.loads(proc.stdout)}
+    assert set(table) == {"tl-align", "grid-cutmix"}
+    for arm, mixing in (("tla", "tl-align"), ("grid", "grid-cutmix")):
+        accs = [ACC[(arm, s)] for s in range(3)]  # best = last epoch = acc
+        row = table[mixing]
+        assert row["runs"] == 3
+        assert row["best_acc1"] == pytest.approx(statistics.mean(accs))
+        assert row["best_acc1_std"] == pytest.approx(statistics.stdev(accs))
+        assert row["last_acc1"] == pytest.approx(statistics.mean(accs))
+    assert table["tl-align"]["paper_acc1"] == 73.2 and table["grid-cutmix"]["paper_acc1"] == 72.2
+
+
+def test_by_arm_markdown_and_plot(runs, tmp_path):
+    plot = tmp_path / "arms.png"
+    proc = run_tla("report", "--sweep", "abl", "--by-arm", "--format", "md", "--plot", plot, env=runs, check=True)
+    assert "73.00 ± 2.00" in proc.stdout  # tla: 71, 73, 75
+    assert "other" not in proc.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def test_unknown_sweep_is_one_line(runs):
+    proc = run_tla("report", "--sweep", "nope", env=runs)
+    assert proc.returncode == 2 and "no runs of a sweep named 'nope'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_status_hides_runs_that_ended_long_ago_unless_all(runs):
+    old = Path(runs["TLA_RUNS"]) / "abl-grid-s0"
+    beat = json.loads((old / "heartbeat.json").read_text())
+    beat["time"] = time.time() - 30 * 86400
+    (old / "heartbeat.json").write_text(json.dumps(beat))
+    record = json.loads((old / "run.json").read_text())
+    record["created"] = record["submissions"][0]["submitted"] = beat["time"]
+    (old / "run.json").write_text(json.dumps(record))
+    shown = {r["run"]: r["state"] for r in json.loads(run_tla("status", "--json", env=runs, check=True).stdout)}
+    assert "abl-grid-s0" not in shown and "abl-tla-s0" in shown and shown["abl-tla-s0"] == "COMPLETED"
+    everything = json.loads(run_tla("status", "--all", "--json", env=runs, check=True).stdout)
+    assert "abl-grid-s0" in {r["run"] for r in everything}
+    table = run_tla("status", env=runs, check=True).stdout
+    assert "1 run(s) that ended over 14 days ago are not shown" in table
+    assert "abl-grid-s0" in run_tla("status", "abl-grid-s0", env=runs, check=True).stdout  # named: always shown
