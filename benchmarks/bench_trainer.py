@@ -69,7 +69,11 @@ def main() -> None:
     p.add_argument("--model", default="tla_vit_micro")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--limit", type=int, default=1000, help="images per class when the data must be prepared")
     args = p.parse_args()
+    from tla_jobs.data.prepare import prepare
+
+    prepare(args.dataset, args.data, limit=args.limit)  # kept as is when already prepared
     b = bare(args)
     t = trainer(args)
     print(f"{args.model} on {args.dataset}, batch {args.batch}, {torch.get_num_threads()} threads: "

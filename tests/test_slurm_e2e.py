@@ -137,11 +137,11 @@ def test_requeue_and_usr2_checkpoint_and_resume(env, digits, how):
 
 
 def test_time_limit_checkpoints_requeues_and_finishes(env, digits):
-    # two-minute attempts, USR2 30 s before the limit (SLURM may send it up to a minute earlier);
-    # the run needs several attempts
-    st_job = submit(env, "tl", "--time", "2", "--step-delay", "0.4", "--checkpoint-every-min", "0",
-                    digits=digits, epochs=2)
-    st = wait_state(env, "tl", {"COMPLETED", "FAILED", "TIMEOUT"}, timeout=600)
+    # two-minute attempts, USR2 30 s before the limit (SLURM may send it up to a minute earlier, so
+    # an attempt trains for 20-80 s); 180 steps of at least 0.5 s each need two attempts or more
+    st_job = submit(env, "tl", "--time", "2", "--step-delay", "0.5", "--checkpoint-every-min", "0",
+                    digits=digits, epochs=4)
+    st = wait_state(env, "tl", {"COMPLETED", "FAILED", "TIMEOUT"}, timeout=900)
     assert st["state"] == "COMPLETED", st
     assert len(st["attempts"]) >= 2
     assert all(a["end"]["reason"] == "signal:SIGUSR2" for a in st["attempts"][:-1])

@@ -63,7 +63,7 @@ def _show_plan(plan, script: str, checks) -> None:
     console.print(script, markup=False, highlight=False, soft_wrap=True)
     console.print("[bold]preflight[/]")
     for c in checks:
-        console.print(f"  {'[green]ok[/]' if c.ok else '[red]FAIL[/]'}  {c.name}: {c.detail}", highlight=False)
+        console.print(f"  {c.label}  {c.name}: {c.detail}", highlight=False)
 
 
 @submit_app.command("train")

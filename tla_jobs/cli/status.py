@@ -181,9 +181,14 @@ def follow_run(run_dir: Path) -> int:
             if hb:
                 bar.update(epochs, completed=st.epoch,
                            info=f"best top-1 {_fmt(st.best_acc1)}  last {_fmt(st.last_acc1)}")
-                bar.update(steps, completed=hb.get("step", 0), total=hb.get("steps_per_epoch"),
-                           info=f"{hb.get('phase')} loss {hb.get('train_loss', 0):.3f}  "
-                                f"{hb.get('images_per_s', 0):.0f} img/s  [{st.state}]")
+                total = hb.get("steps_per_epoch")
+                if hb.get("phase") == "training" and hb.get("step", 0) > 0:
+                    info = (f"{hb.get('phase')} loss {hb.get('train_loss', 0):.3f}  "
+                            f"{hb.get('images_per_s', 0):.0f} img/s  [{st.state}]")
+                else:  # evaluating, finished, stopped: no step-level figures to show
+                    info = f"{hb.get('phase')}  [{st.state}]"
+                done = total if hb.get("phase") == "finished" else hb.get("step", 0)
+                bar.update(steps, completed=done, total=total, info=info)
             if st.state in FINAL:
                 break
             time.sleep(1)
@@ -303,6 +308,6 @@ def cluster_check(
         typer.echo(json.dumps([vars(c) for c in checks]))
     else:
         for c in checks:
-            console.print(f"  {'[green]ok[/]' if c.ok else '[red]FAIL[/]'}  {c.name}: {c.detail}", highlight=False)
+            console.print(f"  {c.label}  {c.name}: {c.detail}", highlight=False)
     if not all(c.ok for c in checks):
         raise typer.Exit(1)

@@ -28,6 +28,11 @@ class Check:
     name: str
     ok: bool
     detail: str
+    warning: bool = False  # worth saying, but nothing stops the job (e.g. no accounting)
+
+    @property
+    def label(self) -> str:
+        return "[yellow]warn[/]" if self.warning else "[green]ok[/]" if self.ok else "[red]FAIL[/]"
 
 
 @dataclass
@@ -192,9 +197,10 @@ def slurm_checks(profile: Profile) -> list[Check]:
             out.append(Check("time limit", ok, f"--time {s.time_min} min vs partition MaxTime "
                                                f"{parts[s.partition][1]}"))
     acct = _run(["sacct", "-n", "-X", "-S", "now-1hours", "-o", "JobID", "--parsable2"])
-    out.append(Check("sacct", bool(acct and acct.returncode == 0),
-                     "accounting answers" if acct and acct.returncode == 0 else
-                     "sacct unavailable: status falls back to squeue and heartbeats"))
+    acct_ok = bool(acct and acct.returncode == 0)
+    # Without accounting jobs still run; `tla status` then reads squeue and the heartbeat.
+    out.append(Check("sacct", True, "accounting answers" if acct_ok else
+                     "sacct unavailable: status falls back to squeue and heartbeats", warning=not acct_ok))
     c = profile.container
     if (c.runtime == "apptainer" and c.image.endswith(".sif")) or (c.runtime == "pyxis" and c.image.startswith("/")):
         present = Path(c.image).is_file()
