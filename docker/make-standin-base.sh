@@ -18,7 +18,7 @@
 #      Neither is copied into any image.
 #
 # Cached: when TAG already exists nothing is done (and the rootfs image is reused when only step 2 is
-# missing). Needs root; installs podman, runc and debootstrap with apt-get when they are missing.
+# missing). Needs root; installs podman, runc, catatonit and debootstrap with apt-get when missing.
 # Podman settings come from docker/containers.conf (CONTAINERS_CONF), not from /etc.
 #
 # Environment: TORCH_VERSION, TORCHVISION_VERSION, DEBIAN_MIRROR, STANDIN_PIP_ARGS (extra pip
@@ -43,13 +43,17 @@ install_tools() {
     command -v podman >/dev/null || missing+=(podman)
     command -v runc >/dev/null || missing+=(runc)
     command -v debootstrap >/dev/null || missing+=(debootstrap)
+    # the init process of `podman run --init` (the podman runtime of SLURM profiles uses it)
+    [ -x /usr/libexec/podman/catatonit ] || [ -x /usr/bin/catatonit ] || missing+=(catatonit)
     [ ${#missing[@]} -eq 0 ] && return 0
     command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
     say "installing ${missing[*]} with apt-get"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
-        apt-get update -q >/dev/null
-        apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    # wait for another apt-get (the SLURM test cluster installs its packages too) instead of failing
+    local apt=(apt-get -q -o DPkg::Lock::Timeout=600)
+    "${apt[@]}" install -y --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
+        "${apt[@]}" update >/dev/null
+        "${apt[@]}" install -y --no-install-recommends "${missing[@]}" >/dev/null
     }
 }
 
@@ -130,7 +134,8 @@ build_standin() {
     fi
     say "building $TAG: torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION" \
         "(find-links: ${find_links[*]:-none}; extra indexes: ${indexes[*]:-none})"
-    podman build --format docker --pull=never --layers=false -t "$TAG" \
+    # --network=host: no CNI/netavark network is set up here; pip reaches its indexes as the host does
+    podman build --format docker --pull=never --layers=false --network=host -t "$TAG" \
         --build-arg "BASE=$ROOTFS_TAG" \
         --build-arg "TORCH_VERSION=$TORCH_VERSION" \
         --build-arg "TORCHVISION_VERSION=$TORCHVISION_VERSION" \
