@@ -69,7 +69,7 @@ RUN rm -rf /opt/tla/src \
  && useradd --no-log-init --create-home --shell /bin/bash --uid "${TLA_UID}" --user-group tla \
  && chown tla:tla /workspace
 
-# The same facts as the labels, for programs inside (`tla --version` prints the version).
+# The same facts as the labels, for programs inside (`tla --version` prints both).
 ENV TLA_IMAGE_VERSION=${TLA_VERSION} \
     TLA_IMAGE_REVISION=${GIT_COMMIT} \
     PYTHONUNBUFFERED=1

@@ -6,9 +6,11 @@ Four arms with the same model, data, schedule and CutMix boxes where they apply:
   base  (c) DeiT's baseline: mixup 0.8 / CutMix 1.0, EMA  --arms base
   none  (d) no mixing (label smoothing only)               --arms none
 each with several seeds, submitted as ONE `tla submit sweep` on the local profile, gathered with
-`tla report --by-arm`, written to docs/results.md and docs/ablation.png.
+`tla report --by-arm`, written to docs/results-NAME.md, docs/NAME.png and docs/NAME.json (summarised
+by hand in docs/results.md).
 
     python benchmarks/ablation.py [--per-class 500] [--epochs 8] [--seeds 0,1,2] [--name ablation]
+    python benchmarks/ablation.py --name ablation-swin --model tla_swin_micro --img-size 32 --arms grid,tla
 
 Not part of the test suite: about 45 minutes on 2 cores with the defaults.
 """
@@ -68,19 +70,19 @@ def main() -> None:
         time.sleep(30)
     minutes = (time.time() - t0) / 60
     args.out.mkdir(parents=True, exist_ok=True)
-    plot = args.out / "ablation.png"
+    plot = args.out / f"{args.name}.png"
     grouped = tla("report", *runs, "--by-arm", "--format", "md", "--plot", str(plot))
     grouped = grouped.split("plot:")[0].rstrip() + "\n"
     per_run = tla("report", *runs, "--format", "md")
     raw = json.loads(tla("report", *runs, "--by-arm", "--format", "json"))
-    (args.out / "ablation.json").write_text(json.dumps({"minutes": minutes, "arms": raw}, indent=2) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps({"minutes": minutes, "arms": raw}, indent=2) + "\n")
     command = "python benchmarks/ablation.py " + shlex.join(a for a in sys.argv[1:])
     text = (f"## Measured ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, {minutes:.0f} min)\n\n"
             f"Reproduce: `{command.strip()}`, which ran:\n\n```\ntla {shlex.join(sweep)}\n```\n\n"
             f"Mean ± sample std over seeds {args.seeds} ({args.per_class} train and {args.per_class} val "
             f"images per class, {args.epochs} epochs):\n\n{grouped}\nPer run:\n\n{per_run}\n"
-            f"![val top-1 per epoch](ablation.png)\n")
-    (args.out / "results-measured.md").write_text(text)
+            f"![val top-1 per epoch]({plot.name})\n")
+    (args.out / f"results-{args.name}.md").write_text(text)
     print(text)
 
 

@@ -267,8 +267,10 @@ def test_image_labels_version_user_and_base_torch(built_image):
     assert labels["org.opencontainers.image.version"] == __version__
     assert labels["org.opencontainers.image.revision"] in (head, f"{head}-dirty")
     assert labels["org.opencontainers.image.base.name"] == STANDIN
-    # `tla --version` inside prints the label's version; no arguments: tla --help
-    assert podman("run", "--rm", built_image, "--version").stdout.strip() == f"tla {__version__}"
+    # `tla --version` inside prints the labels' version and commit; no arguments: tla --help
+    revision = labels["org.opencontainers.image.revision"]
+    assert podman("run", "--rm", built_image, "--version").stdout.strip() == (
+        f"tla {__version__} (image of commit {revision})")
     assert "Usage: tla" in podman("run", "--rm", built_image).stdout
     # the rest from one container (each start costs seconds): a program as first argument runs as
     # is, which is how the podman runtime starts submitit's step

@@ -7,6 +7,7 @@ A user mistake (TlaError, or a config pydantic rejects) becomes one line on stde
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import typer
@@ -67,7 +68,9 @@ def guard(fn):
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"tla {__version__}")
+        # Inside the image, also the commit it was built from (the same value as its revision label).
+        revision = os.environ.get("TLA_IMAGE_REVISION", "unknown")
+        typer.echo(f"tla {__version__}" + (f" (image of commit {revision})" if revision != "unknown" else ""))
         raise typer.Exit()
 
 
