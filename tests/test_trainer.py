@@ -104,17 +104,19 @@ def test_sigkill_at_random_steps_then_resume_is_exact(digits, tmp_path):
 
     killed = tmp_path / "killed"
     rng = random.Random(1234)
-    kills = 0
+    kills, step = 0, 0
     for _ in range(3):
         proc = subprocess.Popen([*TLA, "train", *map(str, args), "--output-dir", str(killed)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        target = rng.randint(8, 80)  # a global step to kill at (heartbeats come every 2 s, so later)
+        # a global step to kill at, past the last kill (heartbeats come every 2 s, so somewhat later)
+        target = step + rng.randint(8, 40)
         deadline = time.time() + 300  # generous: a loaded machine slows everything down
         while proc.poll() is None and time.time() < deadline:
             beat = json.loads((killed / "heartbeat.json").read_text()) if (killed / "heartbeat.json").exists() else {}
-            if beat.get("global_step", 0) >= target:
+            # only this attempt's heartbeat counts (the file left by the killed one is stale)
+            if beat.get("pid") == proc.pid and beat.get("global_step", 0) >= target:
                 proc.send_signal(signal.SIGKILL)
-                kills += 1
+                kills, step = kills + 1, beat["global_step"]
                 break
             time.sleep(0.05)
         proc.wait(timeout=600)
