@@ -24,6 +24,13 @@ console = Console()
 err = Console(stderr=True)
 
 PROFILE_HELP = "Cluster profile: a name in ./cluster_configs (or $TLA_CLUSTER_CONFIGS), or a YAML path."
+# Resource overrides shared by `submit train`, `submit sweep` and `resume` (one declaration, same help;
+# the values are checked by the profile model, which gives bad ones a one-line error).
+NODES = typer.Option(None, "--nodes", help="Override the profile's node count.")
+GPUS_PER_NODE = typer.Option(None, "--gpus-per-node", help="Override the profile's GPUs per node.")
+TASKS_PER_NODE = typer.Option(None, "--tasks-per-node", help="Override tasks (ranks) per node.")
+TIME_MIN = typer.Option(None, "--time", help="Override the time limit of one attempt (minutes).")
+PARTITION = typer.Option(None, "--partition", help="Override the SLURM partition.")
 
 
 def _profile(name: str, nodes, gpus, time_min, partition, tasks):
@@ -72,11 +79,11 @@ def _show_plan(plan, script: str, checks) -> None:
 def submit_train(
     name: str = typer.Option(..., "--name", help="Run name (a safe file name); the run lives in RUNS/NAME."),
     cluster: str = typer.Option("local", "--cluster", help=PROFILE_HELP),
-    nodes: int = typer.Option(None, "--nodes", help="Override the profile's node count."),
-    gpus_per_node: int = typer.Option(None, "--gpus-per-node", help="Override the profile's GPUs per node."),
-    tasks_per_node: int = typer.Option(None, "--tasks-per-node", help="Override tasks (ranks) per node."),
-    time_min: int = typer.Option(None, "--time", help="Override the time limit of one attempt (minutes)."),
-    partition: str = typer.Option(None, "--partition", help="Override the SLURM partition."),
+    nodes: int = NODES,
+    gpus_per_node: int = GPUS_PER_NODE,
+    tasks_per_node: int = TASKS_PER_NODE,
+    time_min: int = TIME_MIN,
+    partition: str = PARTITION,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the sbatch script and preflight checks only."),
     follow: bool = typer.Option(False, "--follow", help="Follow the run with a progress display until it ends."),
     as_json: bool = typer.Option(False, "--json", help="Print the submission as JSON."),
@@ -133,11 +140,11 @@ def submit_sweep(
                              help="Comma-separated arms: tla (TL-Align), base (DeiT mixup+cutmix), grid (token-grid "
                                   "CutMix, area labels), none (no mixing)."),
     cluster: str = typer.Option("local", "--cluster", help=PROFILE_HELP),
-    nodes: int = typer.Option(None, "--nodes"),
-    gpus_per_node: int = typer.Option(None, "--gpus-per-node"),
-    tasks_per_node: int = typer.Option(None, "--tasks-per-node"),
-    time_min: int = typer.Option(None, "--time"),
-    partition: str = typer.Option(None, "--partition"),
+    nodes: int = NODES,
+    gpus_per_node: int = GPUS_PER_NODE,
+    tasks_per_node: int = TASKS_PER_NODE,
+    time_min: int = TIME_MIN,
+    partition: str = PARTITION,
     dry_run: bool = typer.Option(False, "--dry-run"),
     as_json: bool = typer.Option(False, "--json"),
     train_kwargs: dict = None,
@@ -255,11 +262,11 @@ def eval_checkpoint(
 def resume(
     run: str = typer.Argument(..., help="Run name or directory."),
     cluster: str = typer.Option(None, "--cluster", help="Another profile (default: the run's)."),
-    nodes: int = typer.Option(None, "--nodes"),
-    gpus_per_node: int = typer.Option(None, "--gpus-per-node"),
-    tasks_per_node: int = typer.Option(None, "--tasks-per-node"),
-    time_min: int = typer.Option(None, "--time"),
-    partition: str = typer.Option(None, "--partition"),
+    nodes: int = NODES,
+    gpus_per_node: int = GPUS_PER_NODE,
+    tasks_per_node: int = TASKS_PER_NODE,
+    time_min: int = TIME_MIN,
+    partition: str = PARTITION,
     follow: bool = typer.Option(False, "--follow"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
