@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import statistics
 from pathlib import Path
 
 from tla_jobs.fsutil import read_json
@@ -54,11 +55,10 @@ def rows(statuses: list[RunStatus], paper: bool = False) -> list[dict]:
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample std (0 for a single run, None for none)."""
     if not values:
         return None, None
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, var**0.5
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def grouped(table: list[dict]) -> list[dict]:
@@ -155,10 +155,11 @@ def plot(statuses: list[RunStatus], out: Path, by_arm: bool = False) -> Path:
             line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{key} (n={len(curves)})")
             ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], color=line.get_color(),
                             alpha=0.15)
-    for st in [] if by_arm else statuses:
-        if st.metrics:
-            ax.plot([m["epoch"] + 1 for m in st.metrics], [m["acc1"] for m in st.metrics], marker="o", ms=3,
-                    label=f"{st.name} ({_mixing(st.spec)})")
+    else:
+        for st in statuses:
+            if st.metrics:
+                ax.plot([m["epoch"] + 1 for m in st.metrics], [m["acc1"] for m in st.metrics], marker="o", ms=3,
+                        label=f"{st.name} ({_mixing(st.spec)})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("val top-1 (%)")
     ax.set_title("Validation top-1 per epoch")
