@@ -35,13 +35,13 @@ def make_step(arm: str, model, opt, num_classes: int, patch: int):
             logits = model(mix.images)
             soft = mixed_targets(targets, mix.partner, mix.patch_weights.mean(1), num_classes)
         elif arm in ("fused", "explicit"):
-            logits, w = aligned_forward(model, mix.images, mix.patch_weights, fused=arm == "fused")
+            logits, w = aligned_forward(model, mix.images, mix.patch_weights, path=arm)
             soft = mixed_targets(targets, mix.partner, w, num_classes)
         else:  # reference: full label distributions, unfused attention
             y_a = smoothed_one_hot(targets, num_classes)
             own = mix.patch_weights.unsqueeze(-1)
             labels = own * y_a[:, None] + (1 - own) * y_a[mix.partner][:, None]
-            logits, out = propagate_labels(model, mix.images, labels, fused=False)
+            logits, out = propagate_labels(model, mix.images, labels, path="explicit")
             soft = out[:, 0]
         loss = crit(logits, soft)
         opt.zero_grad(set_to_none=True)

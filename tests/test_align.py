@@ -1,4 +1,4 @@
-"""TL-Align core: token-grid CutMix, label propagation (fused and explicit), soft targets."""
+"""TL-Align core: token-grid CutMix, label propagation (every path: second-call, fused, explicit), soft targets."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from tla_jobs.align import (
     smoothed_one_hot,
     token_cutmix,
 )
+from tla_jobs.align.attention import resolve_path
 
 # Tiny configurations of the real timm classes: (name, kwargs, patch size, image size).
 MODELS = {
@@ -99,13 +100,25 @@ def test_cutmix_rejects_bad_arguments(kwargs, message):
 # --------------------------------------------------------------------------------------- propagation
 
 
+FAST_PATHS = ["second", "fused"]  # the explicit path is the reference they are checked against
+
+
+def test_path_is_chosen_per_device():
+    assert resolve_path("auto", "cpu") == "fused"
+    assert resolve_path("auto", "cuda") == "second"
+    assert resolve_path("explicit", "cuda") == "explicit"
+    with pytest.raises(ValueError, match="unknown label path"):
+        resolve_path("magic", "cpu")
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
 @pytest.mark.parametrize("kind", list(MODELS))
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
-def test_fused_equals_explicit(kind, dtype, tol):
+def test_fast_paths_equal_explicit(kind, dtype, tol, path):
     model, mix = mixed(kind, dtype, mode="elem")
     model.train()  # drop-path off in these configs, so both runs see the same network
-    lf, wf = aligned_forward(model, mix.images, mix.patch_weights, fused=True)
-    le, we = aligned_forward(model, mix.images, mix.patch_weights, fused=False)
+    lf, wf = aligned_forward(model, mix.images, mix.patch_weights, path=path)
+    le, we = aligned_forward(model, mix.images, mix.patch_weights, path="explicit")
     assert wf.dtype in (torch.float32, torch.float64)
     assert (wf - we).abs().max().item() < tol
     assert (first(lf) - first(le)).abs().max().item() < tol * 10
@@ -135,8 +148,9 @@ def _captured_attention(model, images):
     return maps
 
 
+@pytest.mark.parametrize("path", FAST_PATHS)
 @pytest.mark.parametrize("kind", ["deit", "distilled"])
-def test_matches_full_k_class_propagation_like_the_reference(kind):
+def test_matches_full_k_class_propagation_like_the_reference(kind, path):
     """Push (B, N, K) smoothed label distributions through Ā of each block, as the reference does."""
     model, mix = mixed(kind, torch.float64)
     model.eval()
@@ -151,23 +165,25 @@ def test_matches_full_k_class_propagation_like_the_reference(kind):
     labels = torch.cat([(lam * y_a + (1 - lam) * y_b)[:, None].expand(-1, prefix, -1), patch_labels], 1)
     for attn in _captured_attention(model, mix.images):
         labels = (attn.mean(1) @ labels + labels) / 2
-    _, w = aligned_forward(model, mix.images, mix.patch_weights.double(), fused=True)
+    _, w = aligned_forward(model, mix.images, mix.patch_weights.double(), path=path)
     expected = mixed_targets(targets, mix.partner, w, k).double()
     got = labels[:, :prefix] if kind == "distilled" else labels[:, 0]
     assert (got - expected).abs().max().item() < 1e-6  # mixed_targets works in float32
     # and the explicit K-class path of propagate_labels agrees with the hooked reference
-    _, full = propagate_labels(model, mix.images, patch_labels, fused=False)
-    assert (full[:, prefix:] - labels[:, prefix:]).abs().max().item() < 1e-10
+    for full_path in ("explicit", path):  # K-class labels through every path
+        _, full = propagate_labels(model, mix.images, patch_labels, path=full_path)
+        assert (full[:, prefix:] - labels[:, prefix:]).abs().max().item() < 1e-10
 
 
-def test_swin_k_class_propagation_matches_scalar_weights():
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_swin_k_class_propagation_matches_scalar_weights(path):
     model, mix = mixed("swin", torch.float64, mode="elem")
     targets = torch.tensor([1, 2, 3, 4])
     y_a = smoothed_one_hot(targets, 7).double()
     own = mix.patch_weights.double().unsqueeze(-1)
     patch_labels = own * y_a[:, None] + (1 - own) * y_a[mix.partner][:, None]
-    _, full = propagate_labels(model, mix.images, patch_labels, fused=False)
-    _, w = aligned_forward(model, mix.images, mix.patch_weights.double(), fused=True)
+    _, full = propagate_labels(model, mix.images, patch_labels, path="explicit")
+    _, w = aligned_forward(model, mix.images, mix.patch_weights.double(), path=path)
     expected = mixed_targets(targets, mix.partner, w, 7).double()
     assert (full.flatten(1, 2).mean(1) - expected).abs().max().item() < 1e-6
     assert full.shape[1:3] == (4, 4)  # 16x16 tokens merged twice
@@ -198,12 +214,13 @@ def test_uniform_attention_keeps_cls_weight_at_lambda(depth):
     assert torch.allclose(w, mix.patch_weights.mean(1), atol=1e-6)
 
 
+@pytest.mark.parametrize("path", FAST_PATHS)
 @pytest.mark.parametrize("kind", list(MODELS))
-def test_no_gradient_through_labels_and_same_parameter_gradients(kind):
+def test_no_gradient_through_labels_and_same_parameter_gradients(kind, path):
     model, mix = mixed(kind)
     model.train()
     weights = mix.patch_weights.clone().requires_grad_(True)
-    logits, w = aligned_forward(model, mix.images, weights)
+    logits, w = aligned_forward(model, mix.images, weights, path=path)
     assert not w.requires_grad
     targets = mixed_targets(torch.tensor([0, 1, 2, 3]), mix.partner, w, 7)
     crit = SoftTargetCrossEntropy()
@@ -226,12 +243,13 @@ def test_no_gradient_through_labels_and_same_parameter_gradients(kind):
         assert torch.allclose(aligned[name], p.grad, atol=1e-5, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("path", FAST_PATHS)
 @pytest.mark.parametrize("kind", list(MODELS))
-def test_cpu_autocast_bfloat16(kind):
+def test_cpu_autocast_bfloat16(kind, path):
     model, mix = mixed(kind)
-    _, w32 = aligned_forward(model, mix.images, mix.patch_weights)
+    _, w32 = aligned_forward(model, mix.images, mix.patch_weights, path="explicit")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, w = aligned_forward(model, mix.images, mix.patch_weights)
+        logits, w = aligned_forward(model, mix.images, mix.patch_weights, path=path)
         targets = mixed_targets(torch.arange(4), mix.partner, w, 7)
         loss = SoftTargetCrossEntropy()(first(logits), targets if w.ndim == 1 else targets[:, 0])
     loss.backward()

@@ -21,8 +21,11 @@ EVAL = "eval.json"  # written by --eval-only
 EVALS_DIR = "evals"  # eval jobs of `tla eval checkpoint`, one JSON each
 SUBMITIT_DIR = "submitit"  # submitit's folder: pickles, sbatch scripts, per-task logs
 LOG_PATTERN = "log_rank{rank}.txt"
+OWNER = "owner.json"  # which attempt owns the run now; an attempt that is no longer it stops writing
+
 
 EXIT_INTERRUPTED = 75  # the trainer checkpointed on a signal and stopped; resuming continues the run
+EXIT_SUPERSEDED = 76  # a newer attempt of the same run took over (e.g. a requeue after a node failure)
 
 
 def job_identity() -> dict:

@@ -1,11 +1,22 @@
 """Attention that also propagates token labels: out = softmax(qkᵀ·s + bias)·v and L' = Ā·L.
 
-Ā is the softmax attention averaged over heads. Because Ā·L = mean_h(A_h·L), the labels can ride
-through the very same ``F.scaled_dot_product_attention`` call as extra value channels (the fused
-path): q and k get the same number of zero channels so their dot products, and the softmax, are
-unchanged, and the N×N attention matrix is never materialised. The explicit path builds the
-softmax matrix, as the reference implementation does, and is kept for checking and for
-propagating full K-class label distributions.
+Ā is the softmax attention averaged over heads, and Ā·L = mean_h(A_h·L), so Ā·L never needs the
+N×N matrix: any ``F.scaled_dot_product_attention`` call whose values are the labels gives it.
+Three ways to make that call, chosen per device by :func:`resolve_path`:
+
+- ``second`` (GPU default): the model's own SDPA call is left untouched, and a second, no-grad
+  SDPA call with the same q and k and the labels as (narrow) values computes A·L. On an H100 the
+  labels-as-extra-channels trick below costs +56% per attention call, because head dim 72 is not
+  one of the kernels' tile sizes and the padded copies of q, k, v are paid forward and backward;
+  the second call costs +12% of one call (a forward only, no autograd state).
+- ``fused`` (CPU default): the labels ride through the very same SDPA call as extra value
+  channels; q and k get the same number of zero channels so their dot products, and the softmax,
+  are unchanged. On the CPU a second call would recompute qkᵀ, which is what costs there.
+- ``explicit``: the softmax matrix is built, as the reference implementation does; kept as the
+  reference for the tests and for propagating full K-class label distributions cheaply on a CPU.
+
+Labels are always returned (and accumulated by the caller) in at least float32, also when autocast
+runs q, k, v in bfloat16; the kernels themselves accumulate A·L in float32.
 """
 
 from __future__ import annotations
@@ -13,11 +24,46 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+PATHS = ("auto", "second", "fused", "explicit")
+
+
+def resolve_path(path: str, device: torch.device | str) -> str:
+    """``auto`` → ``second`` on CUDA, ``fused`` elsewhere (measured: docs/benchmarks.md)."""
+    if path not in PATHS:
+        raise ValueError(f"unknown label path {path!r}; one of {', '.join(PATHS)}")
+    if path != "auto":
+        return path
+    return "second" if torch.device(device).type == "cuda" else "fused"
+
 
 def _label_channels(k: int, device: torch.device) -> int:
-    # The GPU flash and memory-efficient kernels want q, k and v to share a head dim that is a
-    # multiple of 8; on the CPU any width works and every extra channel is paid for.
+    # The GPU kernels want head dims that are multiples of 8; on the CPU every extra channel is paid.
     return -(-k // 8) * 8 if device.type == "cuda" else k
+
+
+def _work_dtype(labels: torch.Tensor, x: torch.Tensor) -> torch.dtype:
+    # float32 at least (autocast may run attention in bfloat16); float64 when the model runs in it.
+    return torch.promote_types(torch.promote_types(labels.dtype, x.dtype), torch.float32)
+
+
+def _label_values(labels: torch.Tensor, b: int, h: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, N, K) labels as (B, H, N, K') values for an SDPA call, K' padded for the GPU kernels."""
+    kdim = labels.shape[-1]
+    pad = _label_channels(kdim, labels.device)
+    lab = labels.to(dtype)
+    if pad > kdim:
+        lab = F.pad(lab, (0, pad - kdim))
+    return lab.unsqueeze(1).expand(b, h, n, pad)
+
+
+def _second_call(q, k, labels, scale, attn_mask) -> torch.Tensor:
+    """Ā·L from a no-grad SDPA call with the labels as values (dropout never applies to labels)."""
+    b, h, n, _ = q.shape
+    with torch.no_grad():
+        out = F.scaled_dot_product_attention(
+            q.detach(), k.detach(), _label_values(labels, b, h, n, q.dtype), attn_mask=attn_mask, scale=scale
+        )
+    return out[..., : labels.shape[-1]].to(_work_dtype(labels, q)).mean(dim=1)
 
 
 def attend(
@@ -29,7 +75,7 @@ def attend(
     scale: float,
     attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-    fused: bool = True,
+    path: str = "second",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the attention output (B, H, N, D) and the head-averaged Ā·labels (B, N, K).
 
@@ -38,11 +84,8 @@ def attend(
     exactly what the timm module would pass to SDPA (relative-position bias, shifted-window mask).
     """
     labels = labels.detach()
-    kdim = labels.shape[-1]
-    # Labels are accumulated in at least float32 (autocast may run q, k, v in bfloat16), and in
-    # float64 when the model runs in float64.
-    work = torch.promote_types(torch.promote_types(labels.dtype, v.dtype), torch.float32)
-    if not fused:
+    path = resolve_path(path, v.device)
+    if path == "explicit":
         attn = (q * scale) @ k.transpose(-2, -1)
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:
@@ -50,34 +93,27 @@ def attend(
             else:
                 attn = attn + attn_mask
         attn = attn.softmax(dim=-1)
-        mean_attn = attn.detach().mean(dim=1)
-        mixed = mean_attn.to(work) @ labels.to(work)
+        work = _work_dtype(labels, v)
+        mixed = attn.detach().mean(dim=1).to(work) @ labels.to(work)
         if dropout_p > 0.0:
             attn = F.dropout(attn, p=dropout_p)
         return attn @ v, mixed
-
+    if path == "second":
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+        return out, _second_call(q, k, labels, scale, attn_mask)
     b, h, n, d = v.shape
-    pad = _label_channels(kdim, v.device)
-    lab = labels.to(v.dtype).unsqueeze(1).expand(b, h, n, kdim)
-    if pad > kdim:
-        lab = F.pad(lab, (0, pad - kdim))
+    pad = _label_channels(labels.shape[-1], v.device)
     out = F.scaled_dot_product_attention(
         F.pad(q, (0, pad)),
         F.pad(k, (0, pad)),
-        torch.cat([v, lab], dim=-1),
+        torch.cat([v, _label_values(labels, b, h, n, v.dtype)], dim=-1),
         attn_mask=attn_mask,
         dropout_p=dropout_p,
         scale=scale,
     )
-    mixed = out[..., d : d + kdim].detach()
-    if dropout_p > 0.0:
-        # Labels follow the attention before dropout (as in the reference): one more no-grad call.
-        with torch.no_grad():
-            mixed = F.scaled_dot_product_attention(
-                F.pad(q, (0, pad)), F.pad(k, (0, pad)), torch.cat([torch.zeros_like(v), lab], dim=-1),
-                attn_mask=attn_mask, scale=scale,
-            )[..., d : d + kdim]
-    return out[..., :d], mixed.to(work).mean(dim=1)
+    if dropout_p > 0.0:  # labels follow the attention before dropout, as in the reference
+        return out[..., :d], _second_call(q, k, labels, scale, attn_mask)
+    return out[..., :d], out[..., d : d + labels.shape[-1]].detach().to(_work_dtype(labels, v)).mean(dim=1)
 
 
 def attend_packed(
@@ -87,12 +123,18 @@ def attend_packed(
     scale: float,
     attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    path: str = "second",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused path from the (B, N, 3, H, D) output of a qkv projection (no q/k norm in between).
+    """:func:`attend` from the (B, N, 3, H, D) output of a qkv projection (no q/k norm in between).
 
-    One concatenation appends the label channels to q, k (zeros) and v (labels) at once, instead of
-    three separate pads: on the CPU those copies, not the extra channel, are most of the cost.
+    For the fused path one concatenation appends the label channels to q, k (zeros) and v (labels)
+    at once, instead of three separate pads: on the CPU those copies, not the extra channel, are
+    most of the cost.
     """
+    path = resolve_path(path, qkv.device)
+    if path != "fused":
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return attend(q, k, v, labels, scale=scale, attn_mask=attn_mask, dropout_p=dropout_p, path=path)
     labels = labels.detach()
     b, n, _, h, d = qkv.shape
     kdim = labels.shape[-1]
@@ -101,10 +143,6 @@ def attend_packed(
     extra[:, :, 2, :, :kdim] = labels.to(qkv.dtype).unsqueeze(2)
     q, k, v = torch.cat([qkv, extra], dim=-1).permute(2, 0, 3, 1, 4).unbind(0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
-    work = torch.promote_types(torch.promote_types(labels.dtype, qkv.dtype), torch.float32)
-    if dropout_p > 0.0:
-        with torch.no_grad():  # labels follow the attention before dropout, as in the reference
-            mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)[..., d : d + kdim]
-    else:
-        mixed = out[..., d : d + kdim].detach()
-    return out[..., :d], mixed.to(work).mean(dim=1)
+    if dropout_p > 0.0:  # labels follow the attention before dropout, as in the reference
+        return out[..., :d], _second_call(q, k, labels, scale, attn_mask)
+    return out[..., :d], out[..., d : d + kdim].detach().to(_work_dtype(labels, qkv)).mean(dim=1)

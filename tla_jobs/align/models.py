@@ -26,10 +26,11 @@ from timm.models.swin_transformer import (
 )
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from tla_jobs.align.attention import attend, attend_packed
+from tla_jobs.align.attention import attend, attend_packed, resolve_path
+from tla_jobs.errors import TlaError
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(TlaError):
     """The model (or one of its parts) is not one whose label propagation is implemented."""
 
 
@@ -61,25 +62,25 @@ def _check_vit(model: VisionTransformer) -> None:
             raise _unsupported(f"block {i} of type {type(blk).__name__}/{type(blk.attn).__name__}")
 
 
-def _vit_attention(attn: Attention, x: torch.Tensor, labels: torch.Tensor, fused: bool):
+def _vit_attention(attn: Attention, x: torch.Tensor, labels: torch.Tensor, path: str):
     """timm.layers.Attention.forward with the label channel (no mask: ViT blocks pass none)."""
     b, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
     packed = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim)
     dropout_p = attn.attn_drop.p if attn.training else 0.0
-    if fused and isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
-        out, mixed = attend_packed(packed, labels, scale=attn.scale, dropout_p=dropout_p)
+    if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
+        out, mixed = attend_packed(packed, labels, scale=attn.scale, dropout_p=dropout_p, path=path)
     else:
         q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        out, mixed = attend(q, k, v, labels, scale=attn.scale, dropout_p=dropout_p, fused=fused)
+        out, mixed = attend(q, k, v, labels, scale=attn.scale, dropout_p=dropout_p, path=path)
     out = attn.norm(out.transpose(1, 2).reshape(b, n, attn.attn_dim))
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out)), mixed
 
 
-def _vit_tokens(model: VisionTransformer, images: torch.Tensor, labels: torch.Tensor, fused: bool):
+def _vit_tokens(model: VisionTransformer, images: torch.Tensor, labels: torch.Tensor, path: str):
     """Features after the final norm, and the labels of every token (prefix tokens first)."""
     x = model.patch_embed(images)
     x = model._pos_embed(x)
@@ -92,7 +93,7 @@ def _vit_tokens(model: VisionTransformer, images: torch.Tensor, labels: torch.Te
             f"{model.patch_embed.patch_size} the one used for CutMix?"
         )
     for blk in model.blocks:
-        branch, mixed = _vit_attention(blk.attn, blk.norm1(x), labels, fused)
+        branch, mixed = _vit_attention(blk.attn, blk.norm1(x), labels, path)
         x = x + blk.drop_path1(blk.ls1(branch))
         labels = _mix(labels, mixed)
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
@@ -120,7 +121,7 @@ def _check_swin(model: SwinTransformer) -> None:
         raise _unsupported("a Swin head that does not average-pool its tokens")
 
 
-def _window_attention(attn: WindowAttention, x: torch.Tensor, labels: torch.Tensor, mask, fused: bool):
+def _window_attention(attn: WindowAttention, x: torch.Tensor, labels: torch.Tensor, mask, path: str):
     """timm WindowAttention.forward with the label channel; x is (windows·B, N, C)."""
     b_, n, _ = x.shape
     packed = attn.qkv(x).reshape(b_, n, 3, attn.num_heads, -1)
@@ -130,16 +131,12 @@ def _window_attention(attn: WindowAttention, x: torch.Tensor, labels: torch.Tens
         bias = (bias + mask.view(1, nw, 1, n, n).expand(b_ // nw, -1, attn.num_heads, -1, -1)
                 .reshape(-1, attn.num_heads, n, n))
     dropout_p = attn.attn_drop.p if attn.training else 0.0
-    if fused:
-        out, mixed = attend_packed(packed, labels, scale=attn.scale, attn_mask=bias, dropout_p=dropout_p)
-    else:
-        q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
-        out, mixed = attend(q, k, v, labels, scale=attn.scale, attn_mask=bias, dropout_p=dropout_p, fused=False)
+    out, mixed = attend_packed(packed, labels, scale=attn.scale, attn_mask=bias, dropout_p=dropout_p, path=path)
     out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(b_, n, -1)))
     return out, mixed
 
 
-def _swin_block(blk: SwinTransformerBlock, x: torch.Tensor, labels: torch.Tensor, fused: bool):
+def _swin_block(blk: SwinTransformerBlock, x: torch.Tensor, labels: torch.Tensor, path: str):
     b, h, w, c = x.shape
     ws = blk.window_size
     if h % ws[0] or w % ws[1]:
@@ -159,7 +156,7 @@ def _swin_block(blk: SwinTransformerBlock, x: torch.Tensor, labels: torch.Tensor
         window_partition(y, ws).view(-1, area, c),
         window_partition(lab, ws).view(-1, area, lab.shape[-1]),
         mask,
-        fused,
+        path,
     )
     out = window_reverse(out.view(-1, ws[0], ws[1], c), ws, h, w)
     mixed = window_reverse(mixed.view(-1, ws[0], ws[1], lab.shape[-1]), ws, h, w)
@@ -181,7 +178,7 @@ def _merge_labels(labels: torch.Tensor) -> torch.Tensor:
     return labels.reshape(b, h // 2, 2, w // 2, 2, k).mean(dim=(2, 4))
 
 
-def _swin_tokens(model: SwinTransformer, images: torch.Tensor, patch_labels: torch.Tensor, fused: bool):
+def _swin_tokens(model: SwinTransformer, images: torch.Tensor, patch_labels: torch.Tensor, path: str):
     x = model.patch_embed(images)  # (B, H, W, C)
     b, h, w, _ = x.shape
     if patch_labels.shape[1] != h * w:
@@ -192,7 +189,7 @@ def _swin_tokens(model: SwinTransformer, images: torch.Tensor, patch_labels: tor
             labels = _merge_labels(labels)
         x = stage.downsample(x)
         for blk in stage.blocks:
-            x, labels = _swin_block(blk, x, labels, fused)
+            x, labels = _swin_block(blk, x, labels, path)
     return model.norm(x), labels
 
 
@@ -200,18 +197,21 @@ def _swin_tokens(model: SwinTransformer, images: torch.Tensor, patch_labels: tor
 
 
 def propagate_labels(
-    model: nn.Module, images: torch.Tensor, patch_labels: torch.Tensor, fused: bool = True
+    model: nn.Module, images: torch.Tensor, patch_labels: torch.Tensor, path: str = "auto"
 ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Run ``model`` on ``images`` while propagating per-patch labels (B, N_patches, K).
+
+    ``path`` is how Ā·L is computed (tla_jobs.align.attention: auto, second, fused, explicit).
 
     Returns the logits (as ``model(images)`` gives them; both heads for a distilled DeiT) and the
     final labels of every token: (B, prefix + patches, K) for a ViT, (B, H', W', K) for Swin.
     """
     if patch_labels.ndim != 3 or patch_labels.shape[0] != images.shape[0]:
         raise ValueError(f"patch labels must be (B, N_patches, K), got {tuple(patch_labels.shape)}")
+    path = resolve_path(path, images.device)
     if isinstance(model, VisionTransformer):
         _check_vit(model)
-        feats, labels = _vit_tokens(model, images, _vit_initial(model, patch_labels), fused)
+        feats, labels = _vit_tokens(model, images, _vit_initial(model, patch_labels), path)
         if isinstance(model, VisionTransformerDistilled):
             logits = (model.head(model.head_drop(feats[:, 0])), model.head_dist(model.head_drop(feats[:, 1])))
         else:
@@ -219,13 +219,13 @@ def propagate_labels(
         return logits, labels
     if isinstance(model, SwinTransformer):
         _check_swin(model)
-        feats, labels = _swin_tokens(model, images, patch_labels, fused)
+        feats, labels = _swin_tokens(model, images, patch_labels, path)
         return model.forward_head(feats), labels
     raise _unsupported(f"a model of type {type(model).__name__}")
 
 
 def aligned_forward(
-    model: nn.Module, images: torch.Tensor, patch_weights: torch.Tensor, fused: bool = True
+    model: nn.Module, images: torch.Tensor, patch_weights: torch.Tensor, path: str = "auto"
 ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Logits and, per sample, the aligned weight of its own label.
 
@@ -237,7 +237,7 @@ def aligned_forward(
     """
     if patch_weights.ndim != 2:
         raise ValueError(f"patch_weights must be (B, N_patches), got {tuple(patch_weights.shape)}")
-    logits, labels = propagate_labels(model, images, patch_weights.unsqueeze(-1), fused=fused)
+    logits, labels = propagate_labels(model, images, patch_weights.unsqueeze(-1), path=path)
     w = labels[..., 0]
     if isinstance(model, VisionTransformerDistilled):
         target = w[:, :2]
@@ -256,15 +256,15 @@ class AlignedModel(nn.Module):
     walk has to live inside a module that DDP wraps.
     """
 
-    def __init__(self, model: nn.Module, fused: bool = True):
+    def __init__(self, model: nn.Module, path: str = "auto"):
         super().__init__()
         self.model = model
-        self.fused = fused
+        self.path = path
 
     def forward(self, images: torch.Tensor, patch_weights: torch.Tensor | None = None):
         if patch_weights is None:
             return self.model(images)
-        return aligned_forward(self.model, images, patch_weights, fused=self.fused)
+        return aligned_forward(self.model, images, patch_weights, path=self.path)
 
 
 def check_supported(model: nn.Module) -> None:

@@ -23,7 +23,6 @@ HELP = {
     "dataset": "imagefolder (DATA/train/CLASS/*, DATA/val/CLASS/*) or a bundled one: fashion-mnist, digits "
                "(prepared into --data-path on first use).",
     "tl_align": "Token-Label Alignment on (default) or off (DeiT's baseline: mixup 0.8 + CutMix 1.0, EMA on).",
-    "fused": "Compute Ā·w inside the fused attention kernel (default) or with an explicit attention matrix.",
     "amp": "Mixed precision: auto (bf16 on GPU, off on CPU), bf16, fp16, off.",
     "resume": "Checkpoint to start from; by default the run resumes from its own newest good checkpoint.",
     "eval_only": "Evaluate --resume CKPT on the val split and write eval.json.",

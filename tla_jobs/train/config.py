@@ -11,23 +11,30 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DATASETS = ("imagefolder", "fashion-mnist", "digits")
+DATASETS = ("imagefolder", "fashion-mnist", "digits", "synthetic")
+LABEL_PATHS = ("auto", "second", "fused", "explicit")  # tla_jobs.align.attention.PATHS, without torch
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # NaN and infinity are refused everywhere: no option of the recipe means anything with them.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     # what to train, on what
     model: str = "deit_small_patch16_224"
-    dataset: Literal["imagefolder", "fashion-mnist", "digits"] = "imagefolder"
+    dataset: Literal["imagefolder", "fashion-mnist", "digits", "synthetic"] = "imagefolder"
     data_path: str = ""
     output_dir: str = ""
-    img_size: int | None = Field(None, gt=0, description="input size; default: the model's own")
-    num_classes: int | None = Field(None, gt=0, description="default: the number of class folders")
+    img_size: int | None = Field(None, ge=8, le=4096, description="input size; default: the model's own")
+    num_classes: int | None = Field(None, gt=1, description="default: the number of class folders "
+                                    "(1000 with --dataset synthetic)")
+    synthetic_images: int = Field(12800, gt=0, description="images per epoch of --dataset synthetic (random "
+                                  "images and labels made on the device: a throughput smoke test, no files)")
 
     # TL-Align and mixing
     tl_align: bool = True
-    fused: bool = True
+    align_path: Literal["auto", "second", "fused", "explicit"] = Field(
+        "auto", description="How Ā·w is computed: auto (second on GPUs, fused on CPUs), second (a second no-grad "
+        "attention call), fused (extra value channels of the same call), explicit (the attention matrix).")
     mixup: float | None = Field(None, ge=0, description="mixup alpha; default 0.0 with TL-Align, 0.8 without")
     cutmix: float = Field(1.0, ge=0)
     cutmix_grid: bool | None = Field(None, description="snap CutMix to the patch grid; default: on with TL-Align")
@@ -39,30 +46,33 @@ class TrainConfig(BaseModel):
     epochs: int = Field(300, gt=0)
     batch_size: int = Field(64, gt=0, description="per process")
     lr: float | None = Field(None, gt=0, description="default 5e-4 x global batch / 512")
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
+    min_lr: float = Field(1e-5, ge=0)
+    warmup_lr: float = Field(1e-6, ge=0)
     warmup_epochs: int = Field(5, ge=0)
     cooldown_epochs: int = Field(10, ge=0)
     weight_decay: float = Field(0.05, ge=0)
-    opt_eps: float = 1e-8
-    clip_grad: float | None = None
+    opt_eps: float = Field(1e-8, gt=0)
+    clip_grad: float | None = Field(None, gt=0, description="clip the gradient norm to this")
     drop_path: float = Field(0.1, ge=0, lt=1)
 
     # augmentation (DeiT)
     aa: str | None = "rand-m9-mstd0.5-inc1"
     reprob: float = Field(0.25, ge=0, le=1)
     repeated_aug: bool = True
-    color_jitter: float = 0.4
+    color_jitter: float = Field(0.4, ge=0)
     interpolation: str = "bicubic"
     crop_scale: float = Field(0.08, gt=0, le=1, description="smallest area share of RandomResizedCrop")
 
     # model EMA: DeiT's baseline keeps it, TL-Align's recipe turns it off
     model_ema: bool | None = None
-    model_ema_decay: float = 0.99996
+    model_ema_decay: float = Field(0.99996, gt=0, lt=1)
 
     # run mechanics
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    seed: int = 0
+    compile: bool = Field(False, description="torch.compile the model, label propagation included")
+    peak_tflops: float | None = Field(None, gt=0, description="the device's peak TFLOP/s for MFU; default: known "
+                                      "for common GPUs (bf16/fp16 dense)")
+    seed: int = Field(0, ge=0)
     workers: int = Field(4, ge=0)
     dist_eval: bool = False
     resume: str = ""

@@ -302,7 +302,7 @@ class Trainer:
         mix_gen = torch.Generator().manual_seed(cfg.seed * 1000 + info.rank)
         mixer = BatchMixer(cfg, num_classes, patch, mix_gen)
         criterion = SoftTargetCrossEntropy()
-        net = AlignedModel(model, fused=cfg.fused)
+        net = AlignedModel(model, path=cfg.align_path)
         if info.distributed:
             net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
