@@ -167,13 +167,48 @@ def test_dry_run_scripts_match_expected_files(env, digits, profile):
     assert not run_dir.exists()
 
 
-def test_dry_run_prints_script_and_checks_and_writes_nothing(env, digits):
-    proc = tla(env, "submit", "train", "--name", "d1", "--cluster", "pyxis", "--model", "deit_tiny_patch16_224",
-               "--data-path", digits, "--nodes", "2", "--time", "90", "--dry-run", check=True)
+def test_dry_run_prints_script_and_checks_and_writes_nothing(env, digits, tmp_path):
+    # no SLURM commands on PATH: the script is still printed, the failed sinfo check makes the exit non-zero
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    proc = tla({**env, "PATH": str(empty_bin)}, "submit", "train", "--name", "d1", "--cluster", "pyxis", "--model",
+               "deit_tiny_patch16_224", "--data-path", digits, "--nodes", "2", "--time", "90", "--dry-run")
     assert "#SBATCH --nodes=2" in proc.stdout and "#SBATCH --time=90" in proc.stdout
     assert "--container-image=/shared/images/tla.sqsh" in proc.stdout
     assert "srun --unbuffered" in proc.stdout and "preflight" in proc.stdout
-    assert not env["runs"].exists() or not any(env["runs"].iterdir())
+    assert_clean_error(proc, "preflight failed: sinfo")
+    assert not env["runs"].exists()
+
+
+def test_local_dry_run_writes_nothing_and_the_real_submission_still_works(env, digits):
+    """A dry run creates no run directory, no runs root, no .sweep-NAME: the same names stay free."""
+    train = ["--dataset", "digits", "--data-path", digits, "--model", "tla_vit_nano"]
+    proc = tla(env, "submit", "train", "--name", "d2", *train, "--dry-run", check=True)
+    assert "submitit.local._local" in proc.stdout and "ok  model: tla_vit_nano" in proc.stdout
+    proc = tla(env, "submit", "sweep", "--name", "sw", "--arms", "tla", "--seeds", "0,1", *train, "--dry-run",
+               check=True)
+    assert "sw-tla_vit_nano-tla-s1" in proc.stdout
+    assert not env["runs"].exists()
+    assert "does not exist" in tla(env, "status", "d2").stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--model", "resnet18"], "--model resnet18: TL-Align does not support"),
+    (["--model", "convnext_tiny"], "--model convnext_tiny: TL-Align does not support"),
+    (["--model", "vit_medium_patch16_gap_256"], "without a cls token"),
+    (["--model", "deit_tiny_patch16_224", "--img-size", "20"], "--img-size 20 is not a multiple"),
+    (["--model", "tla_swin_micro", "--img-size", "24"], "windows do not tile"),
+    (["--model", "resnet18", "--no-tl-align", "--img-size", "64"], "--model resnet18 cannot be built"),
+])
+def test_dry_run_with_a_failed_check_exits_non_zero(env, digits, args, fragment):
+    """Preflight runs the trainer's model checks (meta device): a job TL-Align cannot run is never queued,
+    and a dry run that fails a check says so on stderr and exits non-zero, after printing its checks."""
+    proc = tla(env, "submit", "train", "--name", "bad", "--data-path", digits, *args, "--dry-run")
+    assert "FAIL  model" in proc.stdout
+    assert_clean_error(proc, fragment)
+    proc = tla(env, "submit", "train", "--name", "bad", "--data-path", digits, *args)
+    assert_clean_error(proc, fragment)
+    assert not env["runs"].exists()
 
 
 def test_shell_metacharacters_in_paths_stay_data(env, tmp_path, digits):

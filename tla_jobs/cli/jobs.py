@@ -73,6 +73,13 @@ def _show_plan(plan, script: str, checks) -> None:
         console.print(f"  {c.label}  {c.name}: {c.detail}", highlight=False)
 
 
+def _refuse_failed(checks) -> None:
+    """A dry run whose checks fail exits non-zero (one line on stderr), so it can gate a script."""
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        raise TlaError(f"preflight failed: {bad[0].name}: {bad[0].detail}")
+
+
 @submit_app.command("train")
 @guard
 @with_train_options
@@ -102,6 +109,7 @@ def submit_train(
     checks = preflight(plan)
     if dry_run:
         _show_plan(plan, render(plan), checks)
+        _refuse_failed(checks)
         return
     bad = [c for c in checks if not c.ok]
     if bad:
@@ -185,6 +193,7 @@ def submit_sweep(
         plan = Plan(name, sweep_dir, profile, [p.specs[0] for p in plans])
         _show_plan(plan, render(plan), checks)
         console.print("[bold]runs[/]: " + ", ".join(p.name for p in plans))
+        _refuse_failed(checks)
         return
     bad = [c for c in checks if not c.ok]
     if bad:

@@ -114,6 +114,11 @@ def render(plan: Plan) -> str:
     from submitit.slurm.slurm import SlurmExecutor
 
     spec = plan.specs[0]
+    if plan.profile.executor != "slurm":
+        # not through submitit's local executor: building one creates its folder, and a dry run writes nothing
+        cmd = [sys.executable, "-m", "submitit.local._local", str(plan.run_dir / rundir.SUBMITIT_DIR)]
+        return (f"# submitit local executor: {plan.profile.local.tasks} task(s), timeout "
+                f"{plan.profile.local.timeout_min} min\n{shlex.join(cmd)}\n")
     # submitit refuses to build a SLURM executor where srun is missing; a dry run is for exactly
     # such a machine (a laptop preparing a submission), and it submits nothing.
     with mock.patch.object(SlurmExecutor, "affinity", classmethod(lambda cls: 1)):
@@ -152,18 +157,32 @@ def preflight(plan: Plan) -> list[Check]:
         train, val = check_image_folder(data, verify_images=False)
         checks.append(Check("data", True, f"{data}: {len(train.classes)} classes, {train.size} train / "
                                           f"{val.size} val images"))
-    models = sorted({s["model"] for s in plan.specs})
-    from tla_jobs.train.models import check_model_name  # timm's registry (imports timm, not torch work)
-
-    for m in models:
-        check_model_name(m)
-    checks.append(Check("model", True, ", ".join(models)))
+    checks.append(model_check(plan.specs))
     root = plan.run_dir.parent
-    root.mkdir(parents=True, exist_ok=True)
-    checks.append(Check("runs root", os.access(root, os.W_OK), f"{root} writable"))
+    existing = next((p for p in (root, *root.parents) if p.exists()), root)  # a dry run creates nothing
+    writable = existing.is_dir() and os.access(existing, os.W_OK)  # access() says EROFS for root too
+    checks.append(Check("runs root", writable, f"{root} {'writable' if writable else 'not writable'}"))
     if plan.profile.executor == "slurm":
         checks += slurm_checks(plan.profile)
     return checks
+
+
+def model_check(specs: list[dict]) -> Check:
+    """The trainer's own model checks (TL-Align support, input size, a meta-device forward) for each
+    distinct spec: what would otherwise fail on the cluster after waiting in the queue."""
+    from tla_jobs.train.preflight import check_spec
+
+    seen: set[str] = set()
+    for spec in specs:
+        key = repr(sorted((k, v) for k, v in spec.items() if k not in ("seed", "output_dir", "run_dir")))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_spec(spec)
+        except TlaError as exc:
+            return Check("model", False, str(exc))
+    return Check("model", True, ", ".join(sorted({s["model"] for s in specs})))
 
 
 def _run(cmd: list[str], timeout: int = 20) -> subprocess.CompletedProcess | None:
