@@ -45,7 +45,9 @@ def _profile(name: str, nodes, gpus, time_min, partition, tasks):
 
         if isinstance(exc, ValidationError):
             e = exc.errors()[0]
-            raise TlaError(f"--{'.'.join(str(x) for x in e['loc'][1:]).replace('_', '-')}: {e['msg']}") from None
+            from tla_jobs.cli.app import flag_name  # the flag typed (--time), not the field (time_min)
+
+            raise TlaError(f"{flag_name(e['loc'], 'Profile')}: {e['msg']}") from None
         raise
 
 
