@@ -29,26 +29,53 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_temp(folder: Path, data: bytes, prefix: str) -> Path:
-    """Write ``data`` to a new fsynced temporary file in ``folder`` and return its path."""
+def current_umask() -> int:
+    """The process's umask, without changing it (Linux reports it in /proc; elsewhere set and restore)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_temp(folder: Path, data: bytes, prefix: str, target: Path | None = None) -> Path:
+    """Write ``data`` to a new fsynced temporary file in ``folder`` and return its path.
+
+    The file gets the mode any new file of this process gets (0666 less the umask), not mkstemp's
+    0600: a run directory on a shared filesystem is read by teammates as well. A failed write
+    (disk full, quota) removes the temporary file and names ``target`` in the error.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(target or tmp)) from None
         raise
     return Path(tmp)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    tmp = write_temp(path.parent, data, f".{path.name}.")
-    os.replace(tmp, path)
+    tmp = write_temp(path.parent, data, f".{path.name}.", target=path)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -60,33 +87,73 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def read_json(path: str | Path, default: Any = None) -> Any:
+def read_json_checked(path: str | Path, default: Any = None) -> tuple[Any, str | None]:
+    """(value, None) for a good file, (default, None) for a missing one, and (default, what is wrong)
+    for a file that is there but cannot be used: truncated, empty, not JSON, a directory, unreadable."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     except FileNotFoundError:
-        return default
-    except json.JSONDecodeError:
-        return default
+        return default, None
+    except IsADirectoryError:
+        return default, f"{Path(path).name} is a directory"
+    except UnicodeDecodeError:
+        return default, f"{Path(path).name} is not text"
+    except OSError as exc:
+        return default, f"{Path(path).name} is unreadable ({exc.strerror})"
+    if not text.strip():
+        return default, f"{Path(path).name} is empty"
+    try:
+        return json.loads(text), None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        where = f" at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        return default, f"{Path(path).name} is not valid JSON{where} (truncated?)"
+
+
+def read_json(path: str | Path, default: Any = None) -> Any:
+    """The file's JSON value; ``default`` when it is missing or damaged (read_json_checked says which)."""
+    return read_json_checked(path, default)[0]
+
+
+def read_jsonl_checked(path: str | Path) -> tuple[list[dict], str | None]:
+    """Rows of a JSON-lines file, and what is wrong with it (None when nothing): lines that are
+    not JSON objects are left out and counted. Parsed as one JSON array when every line is good
+    (a single decoder call: `tla status` reads thousands of these)."""
+    name = Path(path).name
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return [], None
+    except IsADirectoryError:
+        return [], f"{name} is a directory"
+    except UnicodeDecodeError:
+        return [], f"{name} is not text"
+    except OSError as exc:
+        return [], f"{name} is unreadable ({exc.strerror})"
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    try:
+        rows = json.loads("[" + ",".join(lines) + "]")
+        if all(isinstance(r, dict) for r in rows):
+            return rows, None
+    except (json.JSONDecodeError, RecursionError):
+        pass
+    rows, bad = [], 0
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad += 1
+    return rows, (f"{name}: {bad} of {len(lines)} lines damaged" if bad else None)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSON-lines file. Parsed as one JSON array (a single decoder call: `tla status`
-    reads thousands of these), falling back to line by line if some line is damaged."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError:
-        return []
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    try:
-        return json.loads("[" + ",".join(lines) + "]")
-    except json.JSONDecodeError:
-        rows = []
-        for line in lines:
-            with contextlib.suppress(json.JSONDecodeError):
-                rows.append(json.loads(line))
-        return rows
+    """The good rows of a JSON-lines file (read_jsonl_checked also says what was left out)."""
+    return read_jsonl_checked(path)[0]
 
 
 @contextlib.contextmanager

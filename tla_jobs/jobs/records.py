@@ -16,7 +16,8 @@ from pathlib import Path
 
 from tla_jobs import __version__, rundir
 from tla_jobs.errors import TlaError
-from tla_jobs.fsutil import atomic_write_json, locked, read_json
+from tla_jobs.fsutil import atomic_write_json, locked
+from tla_jobs.jobs import damage
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -60,7 +61,9 @@ def create(path: Path, record: dict) -> None:
 
 
 def load(path: Path) -> dict:
-    record = read_json(path / rundir.RUN_JSON)
+    record, problem = damage.record(path)
+    if problem:
+        raise TlaError(f"run {path.name} is damaged: {problem} ({path / rundir.RUN_JSON})")
     if record is None:
         raise TlaError(f"run {path.name} does not exist in {path.parent}")
     return record
@@ -77,10 +80,10 @@ def update(path: Path, change: Callable[[dict], None]) -> dict:
 def resolve(name_or_path: str) -> Path:
     """A run by name under the runs root, or a path to a run directory."""
     candidate = Path(name_or_path).expanduser()
-    if (candidate / rundir.RUN_JSON).is_file() and (os.sep in name_or_path or not NAME_RE.fullmatch(name_or_path)):
+    if (candidate / rundir.RUN_JSON).exists() and (os.sep in name_or_path or not NAME_RE.fullmatch(name_or_path)):
         return candidate.resolve()
     path = run_dir(name_or_path)
-    if not (path / rundir.RUN_JSON).is_file():
+    if not (path / rundir.RUN_JSON).exists():  # a damaged run.json (even a directory) is still a run
         raise TlaError(f"run {name_or_path} does not exist in {path.parent}")
     return path
 

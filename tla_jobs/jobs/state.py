@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tla_jobs import rundir
-from tla_jobs.fsutil import read_json, read_jsonl
+from tla_jobs.jobs import damage
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
           "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "PREEMPTED_RUNNING"}
@@ -165,6 +165,7 @@ class RunStatus:
     gpu_hours: float = 0.0
     last_event: str = ""
     _metrics: list[dict] | None = None
+    problems: list[str] = field(default_factory=list)  # damaged files of this run (damage.py says what)
 
     @property
     def spec(self) -> dict:
@@ -174,7 +175,9 @@ class RunStatus:
     def metrics(self) -> list[dict]:
         """The whole history (plots); read on first use only."""
         if self._metrics is None:
-            self._metrics = read_jsonl(self.path / rundir.METRICS)
+            self._metrics, problem = damage.metric_rows(self.path)
+            if problem and problem not in self.problems:
+                self.problems.append(problem)
         return self._metrics
 
     @property
@@ -207,10 +210,14 @@ class RunStatus:
         return per_epoch * max(0, self.spec.get("epochs", 0) - self.epoch)
 
 
-def attempts_of(path: Path) -> list[dict]:
-    """Pair the trainer's start/end events into attempts."""
+def attempts_of(path: Path, problems: list[str] | None = None) -> list[dict]:
+    """Pair the trainer's start/end events into attempts (unusable lines are left out, and said in
+    ``problems``)."""
     out: list[dict] = []
-    for e in read_jsonl(path / rundir.ATTEMPTS):
+    rows, problem = damage.attempt_rows(path)
+    if problem and problems is not None:
+        problems.append(problem)
+    for e in rows:
         if e.get("event") == "start":
             out.append({"start": e, "end": None})
         elif e.get("event") == "end" and out and out[-1]["end"] is None:
@@ -227,23 +234,39 @@ def collect(paths: list[Path], view: SchedulerView | None = None) -> list[RunSta
     loaded = []
     slurm_ids: list[str] = []
     for p in paths:
-        record = read_json(p / rundir.RUN_JSON)
+        record, problem = damage.record(p)
+        if problem:  # listed, with what is wrong, instead of vanishing or breaking every other run
+            loaded.append((p, problem))
+            continue
         if record is None:
             continue
         loaded.append((p, record))
         for sub in record.get("submissions", []) + record.get("evals", []):
             if sub.get("executor") == "slurm":
-                slurm_ids.append(sub["job_id"])
+                slurm_ids.append(str(sub["job_id"]))
     if view is None:
         view = query_slurm(slurm_ids) if slurm_ids else SchedulerView()
-    return [_one(p, record, view) for p, record in loaded]
+    return [_damaged(p, record) if isinstance(record, str) else _one_safe(p, record, view) for p, record in loaded]
+
+
+def _damaged(path: Path, problem: str) -> RunStatus:
+    return RunStatus(path.name, path, {}, state="DAMAGED", source=rundir.RUN_JSON, last_event=problem,
+                     problems=[problem])
+
+
+def _one_safe(path: Path, record: dict, view: SchedulerView) -> RunStatus:
+    try:
+        return _one(path, record, view)
+    except Exception as exc:  # a value no check foresaw: this run is shown damaged, the others normally
+        return _damaged(path, f"unreadable run files ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})")
 
 
 def _one(path: Path, record: dict, view: SchedulerView) -> RunStatus:
     st = RunStatus(record.get("name", path.name), path, record)
-    st.attempts = attempts_of(path)
-    st.heartbeat = read_json(path / rundir.HEARTBEAT)
-    st.summary = read_json(path / rundir.SUMMARY)
+    st.attempts = attempts_of(path, st.problems)
+    st.heartbeat, beat_problem = damage.heartbeat(path)
+    st.summary, summary_problem = damage.summary(path)
+    st.problems += [p for p in (beat_problem, summary_problem) if p]
     subs = record.get("submissions", [])
     for sub in subs:
         if sub.get("executor") == "slurm":
@@ -297,7 +320,7 @@ def _decide(sched: str | None, last_end: dict | None, summary: dict | None, reco
     if sched == "ENDED":
         return "STOPPED"
     # no scheduler record (accounting off and no longer queued): trust a fresh heartbeat
-    beat = read_json(path / rundir.HEARTBEAT) or {}
+    beat = damage.heartbeat(path)[0] or {}
     if beat and time.time() - beat.get("time", 0) < 120 and beat.get("phase") in ("training", "evaluating"):
         return "RUNNING"
     return "UNKNOWN"
