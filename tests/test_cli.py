@@ -296,7 +296,8 @@ def test_concurrent_record_updates_do_not_lose_writes(env):
     records.create(path, {"spec": {}, "profile": {}})
     code = ("import sys; from pathlib import Path; from tla_jobs.jobs import records\n"
             "for i in range(25):\n"
-            "    records.update(Path(sys.argv[1]), lambda r: r['evals'].append({'w': sys.argv[2], 'i': i}))\n")
+            "    records.update(Path(sys.argv[1]), lambda r: r['evals'].append(\n"
+            "        {'job_id': f'{sys.argv[2]}-{i}', 'executor': 'local', 'w': sys.argv[2], 'i': i}))\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(path), str(w)]) for w in range(4)]
     assert all(p.wait(timeout=120) == 0 for p in procs)
     record = json.loads((path / "run.json").read_text())

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from tla_jobs.cli.app import app, guard
@@ -20,9 +21,10 @@ console = Console(width=None if Console().is_terminal else 220)
 cluster_app = typer.Typer(help="Check a cluster profile against the cluster.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "STOPPED",
-         "UNKNOWN", "NOT SUBMITTED", "BOOT_FAIL", "DEADLINE"}
+         "UNKNOWN", "NOT SUBMITTED", "BOOT_FAIL", "DEADLINE", "DAMAGED"}
 STYLE = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "REQUEUED": "yellow", "FAILED": "red",
-         "CANCELLED": "magenta", "TIMEOUT": "red", "STOPPED": "magenta"}
+         "CANCELLED": "magenta", "TIMEOUT": "red", "STOPPED": "magenta", "DAMAGED": "red"}
+MARK = "!"  # after a run's name: one of its files is damaged (the last event says which)
 
 
 HIDE_AFTER_DAYS = 14  # `tla status` without --all leaves out runs that ended longer ago
@@ -71,10 +73,14 @@ def _table(statuses) -> Table:
         t.add_column(col, no_wrap=col in ("run", "state", "epoch", "attempt"))
     for st in statuses:
         style = STYLE.get(st.state, "")
-        cells = [st.name, f"[{style}]{st.state}[/]" if style else st.state,
+        event = st.last_event
+        if st.problems and st.state != "DAMAGED":
+            event = f"damaged: {'; '.join(st.problems)} | {event}"
+        name = escape(st.name + (f" {MARK}" if st.problems else ""))
+        cells = [name, f"[{style}]{st.state}[/]" if style else st.state,
                  f"{len(st.attempts)}/{_max_attempts(st)}", f"{st.epoch}/{st.spec.get('epochs', '?')}",
                  _fmt(st.best_acc1), _fmt(st.last_acc1), _eta(st.eta_s()), f"{st.gpu_hours:.2f}", st.source,
-                 st.last_event]
+                 escape(event)]
         t.add_row(*(cells[:7] if narrow else cells))
     return t
 
@@ -87,11 +93,28 @@ def _status_json(st) -> dict:
         "best_acc1": st.best_acc1, "last_acc1": st.last_acc1, "gpu_hours": st.gpu_hours, "eta_s": st.eta_s(),
         "heartbeat": st.heartbeat, "last_event": st.last_event,
         "job_ids": [s["job_id"] for s in st.record.get("submissions", [])],
+        "problems": st.problems,
     }
 
 
+def _damage_line(statuses) -> str | None:
+    """One line naming every run with a damaged file (the caller exits non-zero after its output)."""
+    bad = [st for st in statuses if st.problems]
+    if not bad:
+        return None
+    shown = "; ".join(f"{st.name}: {', '.join(st.problems)}" for st in bad[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return f"damaged files in {len(bad)} run(s) ({shown}{more}); the other runs are shown as usual"
+
+
 def _detail(st) -> None:
+    if st.state != "DAMAGED":
+        _ = st.metrics  # read now, so that a damaged metrics.jsonl is said too
     console.print(_table([st]))
+    for problem in st.problems:
+        console.print(f"[red]damaged[/]: {escape(problem)} (in {st.path})", highlight=False)
+    if st.state == "DAMAGED":
+        return
     t = Table(title=f"attempts of {st.name}")
     for col in ("#", "job", "host", "started", "checkpoint loaded", "ended because", "epoch reached", "step"):
         t.add_column(col)
@@ -137,11 +160,14 @@ def status(
     hidden = 0
     if not runs and not all_runs:
         cutoff = time.time() - HIDE_AFTER_DAYS * 86400
-        shown = [st for st in statuses if st.state not in FINAL or _last_activity(st) >= cutoff]
+        shown = [st for st in statuses if st.state not in FINAL or st.problems or _last_activity(st) >= cutoff]
         hidden, statuses = len(statuses) - len(shown), shown
         paths = [st.path for st in statuses]
     if as_json:
+        if not runs or len(statuses) != 1 or statuses[0].state != "DAMAGED":
+            _ = [st.metrics for st in statuses if runs and st.state != "DAMAGED"]  # named runs: metrics checked too
         typer.echo(json.dumps([_status_json(s) for s in statuses], default=str, indent=2))
+        _refuse_damage(statuses)
         return
     if not statuses:
         from tla_jobs.jobs.records import runs_root
@@ -154,6 +180,7 @@ def status(
                 time.sleep(2)
                 statuses = collect(paths)
                 live.update(_table(statuses))
+        _refuse_damage(statuses)
         return
     if runs and len(statuses) == 1:
         _detail(statuses[0])
@@ -161,13 +188,22 @@ def status(
         console.print(_table(statuses))
     if hidden:
         console.print(f"{hidden} run(s) that ended over {HIDE_AFTER_DAYS} days ago are not shown (--all shows them)")
+    _refuse_damage(statuses)
+
+
+def _refuse_damage(statuses) -> None:
+    """After the output: exit non-zero with one line on stderr when a run shown has a damaged file."""
+    line = _damage_line(statuses)
+    if line:
+        sys.stdout.flush()
+        raise TlaError(line)
 
 
 def follow_run(run_dir: Path) -> int:
     """Progress bars from the heartbeat until the run ends; returns 0 if it completed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tla_jobs.fsutil import read_json
+    from tla_jobs.jobs import damage
     from tla_jobs.jobs.state import collect
 
     st = collect([run_dir])[0]
@@ -177,7 +213,7 @@ def follow_run(run_dir: Path) -> int:
         steps = bar.add_task("steps ", total=None, info="waiting for the job to start")
         while True:
             st = collect([run_dir])[0]
-            hb = read_json(run_dir / "heartbeat.json") or {}
+            hb = damage.heartbeat(run_dir)[0] or {}
             if hb:
                 bar.update(epochs, completed=st.epoch,
                            info=f"best top-1 {_fmt(st.best_acc1)}  last {_fmt(st.last_acc1)}")
@@ -206,16 +242,19 @@ def logs(
     errors: bool = typer.Option(False, "--errors", help="Only the lines that explain a failure."),
 ) -> None:
     """The run's logs: the trainer's per-rank logs and submitit's per-task stdout/stderr."""
+    from tla_jobs.jobs import damage, records
     from tla_jobs.jobs import logs as L
-    from tla_jobs.jobs import records
 
     run_dir = records.resolve(run)
+    L.check_rank(run_dir, rank)
+    problem = damage.record(run_dir)[1]
     if errors:
         lines = L.error_lines(run_dir, rank)
         if not lines:
             console.print("no error lines found", style="green")
         for line in lines:
             print(line)
+        _refuse_damaged_record(run_dir, problem)
         return
     shown = 0
     while True:
@@ -224,13 +263,20 @@ def logs(
             print(line)
         shown = len(lines)
         sys.stdout.flush()
-        if not follow:
+        if not follow or problem:
+            _refuse_damaged_record(run_dir, problem)
             return
         from tla_jobs.jobs.state import collect
 
         if collect([run_dir])[0].state in FINAL:
             return
         time.sleep(1)
+
+
+def _refuse_damaged_record(run_dir: Path, problem: str | None) -> None:
+    if problem:
+        sys.stdout.flush()
+        raise TlaError(f"run {run_dir.name} is damaged: {problem}; only the trainer's own logs are shown")
 
 
 @app.command("report")
@@ -251,12 +297,21 @@ def report(
 
     if fmt not in ("table", "md", "csv", "json"):
         raise TlaError(f"--format must be table, md, csv or json, not {fmt!r}")
+    for flag, path in (("--output", output), ("--plot", plot)):
+        if path is not None and path.is_dir():
+            raise TlaError(f"{flag} {path} is a directory: give a file name")
+    if plot is not None and plot.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
+        raise TlaError(f"--plot {plot}: the file name must end in .png, .pdf, .svg or .jpg")
     statuses = collect(_paths(runs, True))
     if sweep:
         statuses = [st for st in statuses if st.record.get("sweep") == sweep]
         if not statuses:
             raise TlaError(f"no runs of a sweep named {sweep!r}")
     table = R.rows(statuses, paper=paper)
+    if fmt in ("table", "md"):  # for people: the damaged runs marked (stderr says what is wrong)
+        for row, st in zip(table, statuses):
+            if st.problems:
+                row["run"] = f"{row['run']} {MARK}"
     if by_arm:
         table = R.grouped(table)
         if fmt in ("table", "md"):
@@ -274,10 +329,13 @@ def report(
         text = {"md": R.as_markdown, "csv": R.as_csv, "json": R.as_json}[fmt](table)
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     if output:
-        output.write_text(text)
+        from tla_jobs.fsutil import atomic_write_text
+
+        atomic_write_text(output, text)
     if plot:
         out = R.plot(statuses, plot, by_arm=by_arm)
         console.print(f"plot: {out.resolve()}")
+    _refuse_damage(statuses)
 
 
 @cluster_app.command("check")

@@ -169,7 +169,7 @@ def eval_result(path: Path) -> tuple[dict | None, str | None]:
 
 
 def _attempt_ok(row: dict) -> bool:
-    if row.get("event") not in ("start", "end") or not _number(row.get("time")):
+    if row.get("event") not in ("start", "end") or not _opt(row.get("time"), _number):
         return False
     res = row.get("resumed_from")
     if res is not None and not (isinstance(res, dict) and _str(res.get("path"))):

@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 
 from tla_jobs import rundir
-from tla_jobs.fsutil import read_json
+from tla_jobs.errors import TlaError
+from tla_jobs.jobs import damage
 
 ERROR_PATTERNS = re.compile(
     r"(Traceback \(most recent call last\)|CUDA out of memory|OutOfMemoryError|NCCL (WARN|error|Error)|"
@@ -20,7 +21,7 @@ STAMP = re.compile(r"^(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})")
 
 def files(run: Path, rank: int | None = None) -> list[Path]:
     out = sorted(run.glob("log_rank*.txt")) if rank is None else [run / rundir.LOG_PATTERN.format(rank=rank)]
-    record = read_json(run / rundir.RUN_JSON) or {}
+    record = damage.record(run)[0] or {}  # a damaged run.json: the trainer's own logs still show
     jobs = record.get("submissions", []) + record.get("evals", [])
     folders = {run / rundir.SUBMITIT_DIR} | {Path(s["submitit_folder"]) for s in jobs if s.get("submitit_folder")}
     for folder in sorted(folders):
@@ -35,16 +36,50 @@ def files(run: Path, rank: int | None = None) -> list[Path]:
     return [p for p in out if p.is_file() and not (p in seen or seen.add(p))]
 
 
+def world_size(run: Path) -> int | None:
+    """How many ranks the run has: its heartbeat, its latest submission, or its per-rank logs say so."""
+    known = []
+    beat = damage.heartbeat(run)[0] or {}
+    if isinstance(beat.get("world_size"), int):
+        known.append(beat["world_size"])
+    subs = (damage.record(run)[0] or {}).get("submissions") or []
+    if subs and isinstance(subs[-1].get("nodes", 1), int) and isinstance(subs[-1].get("tasks_per_node", 1), int):
+        known.append(subs[-1].get("nodes", 1) * subs[-1].get("tasks_per_node", 1))
+    ranks = [int(m.group(1)) for p in run.glob("log_rank*.txt") if (m := re.fullmatch(r"log_rank(\d+)\.txt", p.name))]
+    if ranks:
+        known.append(max(ranks) + 1)
+    return max(known) if known else None
+
+
+def check_rank(run: Path, rank: int | None) -> None:
+    """Refuse a --rank the run does not have (instead of printing nothing)."""
+    if rank is None:
+        return
+    n = world_size(run)
+    if n is not None and rank >= n:
+        raise TlaError(f"--rank {rank}: run {run.name} has {n} rank{'s' if n > 1 else ''} (0 to {n - 1})")
+
+
+def _read(p: Path) -> list[str]:
+    try:
+        return p.read_text(errors="replace").splitlines()
+    except OSError:  # a log vanished or cannot be read: the others still show
+        return []
+
+
 def merged(run: Path, rank: int | None = None) -> list[str]:
-    """Trainer lines in time order (they carry timestamps and rank tags), then scheduler/submitit output."""
-    stamped, other = [], []
-    for p in files(run, rank):
-        for line in p.read_text(errors="replace").splitlines():
-            m = STAMP.match(line)
-            if m and p.name.startswith("log_rank"):
-                stamped.append((m.group(1), line))
-            elif not p.name.startswith("log_rank"):
-                other.append(f"[{p.name}] {line}")
+    """Trainer lines in time order (they carry timestamps and rank tags), then scheduler/submitit output.
+
+    The trainer writes each line both to log_rank{N}.txt and to stderr, which submitit keeps in
+    its task's .err file: such a line is shown once, from the trainer's log."""
+    paths = files(run, rank)
+    stamped = []
+    for p in paths:
+        if p.name.startswith("log_rank"):
+            stamped += [(m.group(1), line) for line in _read(p) if (m := STAMP.match(line))]
+    trainer = {line for _, line in stamped}
+    other = [f"[{p.name}] {line}" for p in paths if not p.name.startswith("log_rank")
+             for line in _read(p) if line not in trainer]
     return [line for _, line in sorted(stamped, key=lambda x: x[0])] + other
 
 
@@ -52,7 +87,7 @@ def error_lines(run: Path, rank: int | None = None) -> list[str]:
     """Tracebacks (whole) and lines naming known failure causes, from submitit's logs and ours."""
     out: list[str] = []
     for p in files(run, rank):
-        lines = p.read_text(errors="replace").splitlines()
+        lines = _read(p)
         i = 0
         while i < len(lines):
             line = lines[i]

@@ -8,7 +8,7 @@ import json
 import statistics
 from pathlib import Path
 
-from tla_jobs.fsutil import read_json
+from tla_jobs.jobs import damage
 from tla_jobs.jobs.state import RunStatus
 
 # ImageNet-1k top-1 after 300 epochs: (baseline, TL-Align), from the TL-Align README.
@@ -27,7 +27,11 @@ COLUMNS = ["run", "state", "model", "mixing", "epochs", "best_acc1", "best_acc5"
 def _latest_eval(st: RunStatus) -> dict | None:
     best = None
     for ev in st.record.get("evals", []):
-        res = read_json(Path(ev["output_dir"]) / "eval.json")
+        if not ev.get("output_dir"):
+            continue
+        res, problem = damage.eval_result(Path(ev["output_dir"]))
+        if problem and problem not in st.problems:
+            st.problems.append(problem)
         if res is not None and (best is None or res.get("time", 0) > best.get("time", 0)):
             best = res
     return best
