@@ -45,6 +45,8 @@ class SlurmSettings(_Strict):
     exclude: str | None = None
     additional_parameters: dict[str, str | int | bool] = Field(default_factory=dict, description="extra #SBATCH keys")
     setup: list[str] = Field(default_factory=list, description="shell lines run in the batch script before the step")
+    python: str | None = Field(None, description="the interpreter on the nodes (default: `python` after the setup "
+                               "lines, or the submitting interpreter when there are none)")
 
 
 class ContainerSettings(_Strict):
