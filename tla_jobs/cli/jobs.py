@@ -179,6 +179,10 @@ def submit_sweep(
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise TlaError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    for flag, values in (("--models", model_list), ("--arms", arm_list), ("--seeds", seed_list)):
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice or not values:  # one run name twice would leave a run that is never submitted
+            raise TlaError(f"{flag} {'gives ' + ', '.join(twice) + ' twice' if twice else 'is empty'}")
     records.check_name(name)
     profile = _profile(cluster, nodes, gpus_per_node, time_min, partition, tasks_per_node)
     plans = []

@@ -19,7 +19,8 @@ from tla_jobs.errors import TlaError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: `time_min: true` or `nodes: "2"` is an error, not 1 or 2; no NaN or infinity anywhere
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class LocalSettings(_Strict):
@@ -94,13 +95,31 @@ def available() -> list[str]:
     return sorted(names | {"local"})
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)) and key is not None:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is not a plain value",
+                                                            key_node.start_mark)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse(text: str, source: str, name: str) -> Profile:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise TlaError(f"profile {source} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise TlaError(f"profile {source} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -115,6 +134,13 @@ def parse(text: str, source: str, name: str) -> Profile:
         raise TlaError(f"profile {source}: {loc}: {msg}") from None
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise TlaError(f"profile {path} is not a text (UTF-8) file") from None
+
+
 def load(name_or_path: str) -> Profile:
     """A profile by name (searched in $TLA_CLUSTER_CONFIGS, ./cluster_configs, then the built-in
     `local`) or by path to a YAML file."""
@@ -122,13 +148,13 @@ def load(name_or_path: str) -> Profile:
         path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise TlaError(f"profile file {path} does not exist")
-        return parse(path.read_text(), str(path), path.stem)
+        return parse(_read(path), str(path), path.stem)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name_or_path):
         raise TlaError(f"profile name {name_or_path!r} is not a plain name")
     for d in search_dirs():
         path = d / f"{name_or_path}.yaml"
         if path.is_file():
-            return parse(path.read_text(), str(path), name_or_path)
+            return parse(_read(path), str(path), name_or_path)
     text = _packaged(name_or_path)
     if text is not None:
         return parse(text, f"built-in {name_or_path}", name_or_path)
