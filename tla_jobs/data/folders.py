@@ -16,10 +16,18 @@ from tla_jobs.errors import DataError
 # torchvision.datasets.folder.IMG_EXTENSIONS (kept here so the check needs no torchvision import)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-# Every image's header is opened when a split has at most this many images (Fashion-MNIST: 60k,
-# about a second); larger sets (ImageNet) get an evenly spaced sample so the check stays seconds.
+# What the data check verifies, per split: every image when the split has at most VERIFY_ALL_UP_TO
+# (Fashion-MNIST's 60k in a few seconds), else an evenly spaced sample of VERIFY_SAMPLE (ImageNet's
+# 1.28M: seconds, not the hour a full pass takes). For each image checked: PIL recognises the
+# header, the size is at least 1x1 and at most PIL's MAX_IMAGE_PIXELS (a "decompression bomb"
+# claiming 30000x30000 pixels is refused, not decoded), and the file is whole: a PNG ends with
+# its IEND chunk and a JPEG with its end-of-image marker (two small reads), anything else, or a
+# file whose ending looks wrong, is decoded in full. A file cut short is named here, before any
+# process group or job step, instead of stopping training at step N.
 VERIFY_ALL_UP_TO = 100_000
 VERIFY_SAMPLE = 5_000
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+JPEG_END = b"\xff\xd9"
 
 
 @dataclass
@@ -42,7 +50,15 @@ def _scan(root: Path, name: str) -> Split:
         raise DataError(f"{root} has no class folders (expected {root}/CLASS/*.jpg)")
     counts, files = {}, []
     for c in classes:
-        imgs = [Path(e.path) for e in os.scandir(root / c) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)]
+        imgs = []
+        for e in os.scandir(root / c):
+            if not e.name.lower().endswith(IMG_EXTENSIONS):
+                continue
+            if not e.is_file():
+                if e.is_symlink():  # the loader would list it and fail on it mid-epoch
+                    raise DataError(f"{e.path} is a broken link: remove it or restore its target")
+                continue
+            imgs.append(Path(e.path))
         if not imgs:
             raise DataError(f"class folder {root / c} has no images ({', '.join(IMG_EXTENSIONS)})")
         counts[c] = len(imgs)
@@ -50,18 +66,48 @@ def _scan(root: Path, name: str) -> Split:
     return Split(root, classes, counts, files)
 
 
-def _verify(split: Split) -> None:
-    from PIL import Image, UnidentifiedImageError
+def _whole(fd: int, fmt: str | None) -> bool:
+    """Does the file end the way a complete file of its format does (read without moving PIL's position)?"""
+    size = os.fstat(fd).st_size
+    if fmt == "PNG":
+        return size >= 12 and os.pread(fd, 12, size - 12) == PNG_END
+    if fmt == "JPEG":
+        tail = os.pread(fd, 64, max(0, size - 64)).rstrip(b"\x00\r\n ")  # some writers pad after EOI
+        return tail.endswith(JPEG_END)
+    return False
 
+
+def verify_image(path: Path) -> None:
+    """Raise DataError (one line naming the file and what to do) unless ``path`` is a whole image."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: judged below, by the size
+            with Image.open(fh) as im:  # reads the header only
+                w, h = im.size
+                if w < 1 or h < 1:
+                    raise DataError(f"image {path} is {w}x{h} pixels: remove or replace it")
+                if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+                    raise DataError(f"image {path} claims {w}x{h} pixels, over PIL's limit of "
+                                    f"{Image.MAX_IMAGE_PIXELS} (a decompression bomb?): remove or shrink it")
+                if not _whole(fh.fileno(), im.format):
+                    im.load()  # decode it all: a file cut short fails here
+    except DataError:
+        raise
+    except Exception as exc:  # OSError, SyntaxError, DecompressionBombError, struct.error, ...: all "unreadable"
+        what = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise DataError(f"unreadable image {path} ({what}): remove or replace it") from None
+
+
+def _verify(split: Split) -> None:
     files = sorted(split.files)
     if len(files) > VERIFY_ALL_UP_TO:
         files = files[:: len(files) // VERIFY_SAMPLE]
     for f in files:
-        try:
-            with Image.open(f) as im:  # reads the header only
-                im.size  # noqa: B018
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise DataError(f"unreadable image {f}: {type(exc).__name__}") from None
+        verify_image(f)
 
 
 def check_image_folder(data: str | os.PathLike, verify_images: bool = True) -> tuple[Split, Split]:
@@ -74,6 +120,9 @@ def check_image_folder(data: str | os.PathLike, verify_images: bool = True) -> t
         only_t = sorted(set(train.classes) - set(val.classes))
         only_v = sorted(set(val.classes) - set(train.classes))
         raise DataError(f"train and val classes differ in {data}: only in train {only_t[:5]}, only in val {only_v[:5]}")
+    if len(train.classes) < 2:
+        raise DataError(f"{data / 'train'} has one class folder ({train.classes[0]}): a classifier needs at least "
+                        "two (DATA/train/CLASS/*.jpg, one folder per class)")
     if verify_images:
         _verify(train)
         _verify(val)
