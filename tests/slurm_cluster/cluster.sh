@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # A real SLURM cluster (slurm-wlm 22.05, Debian 12) on this one machine, for the test suite.
 #
-#   cluster.sh up [--no-accounting]   install (apt) if needed, start everything, idempotent
-#   cluster.sh down                   cancel all jobs, stop the daemons this script started
+#   cluster.sh up [--no-accounting] [--preempt-user-signal]
+#                                     install (apt) if needed, start everything, idempotent; the first
+#                                     `up` keeps a copy of /etc/hosts and /etc/slurm as it found them
+#   cluster.sh down                   cancel all jobs, stop the daemons this script started, put
+#                                     /etc/hosts and /etc/slurm back exactly as the first `up` found them
 #   cluster.sh status                 which daemons run, sinfo
 #   cluster.sh logs [N]               last N (default 40) lines of every daemon log
 #   cluster.sh env                    the client environment (export SLURM_CONF=...)
@@ -37,6 +40,11 @@ MYSQL_DIR=$STATE/mysql
 MYSQL_SOCKET=$MYSQL_DIR/mysqld.sock
 SYSTEM_CONF=/etc/slurm/slurm.conf
 MARKER="# managed by tests/slurm_cluster/cluster.sh (tla)"
+HOSTS_TAG="# tla-slurm test cluster"
+# What the first `up` found (restored by `down`): hosts (a copy of /etc/hosts), etc-slurm.tar (of
+# /etc/slurm, when it existed), found (written last: the backup is complete).
+BACKUP=$STATE/host-backup
+GRACE_TIME=${TLA_SLURM_GRACE_TIME:-20}
 
 # Our own client calls always use the master copy, whatever /etc/slurm holds.
 export SLURM_CONF=$CONF
@@ -167,11 +175,61 @@ ensure_hosts() {
         getent hosts "$h" >/dev/null 2>&1 || missing+=("$h")
     done
     ((${#missing[@]})) || return 0
-    if printf '127.0.0.1 %s  # tla-slurm test cluster\n' "${missing[*]}" >>/etc/hosts 2>/dev/null; then
+    local sep=
+    [[ -s /etc/hosts && -n $(tail -c 1 /etc/hosts) ]] && sep=$'\n'  # the file's last line has no newline
+    if printf '%s127.0.0.1 %s  %s\n' "$sep" "${missing[*]}" "$HOSTS_TAG" >>/etc/hosts 2>/dev/null; then
         say "added '127.0.0.1 ${missing[*]}' to /etc/hosts"
     else
         say "WARNING: cannot write /etc/hosts; ${missing[*]} do not resolve"
     fi
+}
+
+
+# ---------------------------------------------------------------- the host's files, as found
+
+# backup_host_files: the first `up` (no complete backup yet) keeps /etc/hosts and /etc/slurm as they are.
+backup_host_files() {
+    [[ -e $BACKUP/found ]] && return 0
+    rm -rf "$BACKUP"
+    mkdir -p "$BACKUP"
+    chmod 700 "$BACKUP"
+    if [[ -e /etc/hosts ]]; then
+        cp -p /etc/hosts "$BACKUP/hosts"
+    fi
+    if [[ -d /etc/slurm ]]; then
+        tar -C /etc -cpf "$BACKUP/etc-slurm.tar" slurm
+    fi
+    date +%s >"$BACKUP/found"
+}
+
+# restore_host_files: /etc/hosts and /etc/slurm back as the first `up` found them; the backup is dropped.
+restore_host_files() {
+    [[ -e $BACKUP/found ]] || return 0
+    if [[ -e $BACKUP/hosts ]]; then
+        local ours
+        ours=$(mktemp)
+        grep -vF "$HOSTS_TAG" /etc/hosts >"$ours" || true
+        # Our line was appended, maybe after a newline we added: without it the file must be the copy
+        # (in place: /etc/hosts can be a bind mount that a rename would not replace).
+        if cmp -s "$ours" "$BACKUP/hosts" || cmp -s "$ours" <(cat "$BACKUP/hosts"; echo); then
+            cmp -s /etc/hosts "$BACKUP/hosts" || cat "$BACKUP/hosts" >/etc/hosts
+            say "restored /etc/hosts"
+        else
+            # someone else changed it since `up`: take out only our line, keep their change
+            cat "$ours" >/etc/hosts
+            say "removed our line from /etc/hosts (it was changed by something else since up)"
+        fi
+        chmod --reference="$BACKUP/hosts" /etc/hosts
+        rm -f "$ours"
+    fi
+    rm -rf /etc/slurm
+    if [[ -e $BACKUP/etc-slurm.tar ]]; then
+        tar -C /etc -xpf "$BACKUP/etc-slurm.tar"
+        say "restored /etc/slurm"
+    else
+        say "removed /etc/slurm (there was none before up)"
+    fi
+    rm -rf "$BACKUP"
 }
 
 # ---------------------------------------------------------------- munge
@@ -310,9 +368,9 @@ register_accounting() {
 
 # ---------------------------------------------------------------- slurm.conf
 
-# write_slurm_conf MODE(accounting|none); returns 0 when the file changed
+# write_slurm_conf MODE(accounting|none) USER_SIGNAL(0|1); returns 0 when the file changed
 write_slurm_conf() {
-    local mode=$1 host tmp=$CONF.tmp acct
+    local mode=$1 user_signal=$2 host tmp=$CONF.tmp acct ctld_params=
     host=$(hostname -s)
     if [[ $mode == accounting ]]; then
         acct="AccountingStorageType=accounting_storage/slurmdbd
@@ -324,10 +382,15 @@ JobAcctGatherFrequency=30"
         acct="AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none"
     fi
+    # Most sites do not set preempt_send_user_signal: a preempted job's tasks get SIGTERM, and the
+    # job's own --signal only comes at its time. `up --preempt-user-signal` is the other kind.
+    if ((user_signal)); then
+        ctld_params="SlurmctldParameters=preempt_send_user_signal"
+    fi
     cat >"$tmp" <<EOF
 $MARKER
 # Master copy: $CONF (copied to $SYSTEM_CONF for plain client commands).
-# Accounting mode: $mode
+# Accounting mode: $mode; preempt_send_user_signal: $user_signal
 ClusterName=$CLUSTER
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
@@ -367,7 +430,7 @@ SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-SlurmctldParameters=preempt_send_user_signal
+$ctld_params
 $acct
 JobCompType=jobcomp/none
 
@@ -375,7 +438,8 @@ NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$N1_PORT CPUs=$NODE_CPUS 
 NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$N2_PORT CPUs=$NODE_CPUS RealMemory=$NODE_MEM_MB State=UNKNOWN
 
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=04:00:00 PriorityTier=1 PreemptMode=OFF State=UP
-PartitionName=low Nodes=n1 MaxTime=04:00:00 PriorityTier=1 PreemptMode=REQUEUE GraceTime=30 State=UP
+PartitionName=low Nodes=n1 MaxTime=04:00:00 PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_TIME State=UP
+PartitionName=lownograce Nodes=n1 MaxTime=04:00:00 PriorityTier=1 PreemptMode=REQUEUE GraceTime=0 State=UP
 PartitionName=high Nodes=n1 MaxTime=04:00:00 PriorityTier=10 PreemptMode=OFF State=UP
 EOF
     chmod 644 "$tmp"
@@ -388,11 +452,7 @@ EOF
 }
 
 install_system_conf() {
-    mkdir -p /etc/slurm
-    if [[ -e $SYSTEM_CONF ]] && ! grep -qF "$MARKER" "$SYSTEM_CONF" && [[ ! -e $SYSTEM_CONF.tla-backup ]]; then
-        cp -p "$SYSTEM_CONF" "$SYSTEM_CONF.tla-backup"
-        say "kept the previous $SYSTEM_CONF as $SYSTEM_CONF.tla-backup"
-    fi
+    mkdir -p /etc/slurm  # what was there before is in $BACKUP, put back by `down`
     cmp -s "$CONF" "$SYSTEM_CONF" || install -m 644 "$CONF" "$SYSTEM_CONF"
 }
 
@@ -470,10 +530,11 @@ all_up() {
 }
 
 cmd_up() {
-    local mode=accounting
+    local mode=accounting user_signal=0
     while (($#)); do
         case $1 in
             --no-accounting) mode=none ;;
+            --preempt-user-signal) user_signal=1 ;;
             *) die "up: unknown option $1" ;;
         esac
         shift
@@ -481,11 +542,12 @@ cmd_up() {
     [[ $(id -u) == 0 ]] || die "must run as root"
     local t0=$SECONDS
     ensure_dirs
+    backup_host_files
     ensure_packages
     ensure_hosts
 
     local conf_changed=0 dbd_changed=0
-    write_slurm_conf "$mode" && conf_changed=1
+    write_slurm_conf "$mode" "$user_signal" && conf_changed=1
     install_system_conf
 
     if ((!conf_changed)) && all_up "$mode"; then
@@ -518,7 +580,7 @@ cmd_up() {
         stop_pid slurmdbd "$(dbd_pidfile)" slurmdbd
         STOP_TIMEOUT=60 stop_pid mariadb "$(mysql_pidfile)" mariadbd
     fi
-    say "up in $((SECONDS - t0))s (accounting: ${mode/accounting/slurmdbd}): cluster '$CLUSTER', nodes n1 n2 ($NODE_CPUS CPUs each), partitions debug(default) low high"
+    say "up in $((SECONDS - t0))s (accounting: ${mode/accounting/slurmdbd}): cluster '$CLUSTER', nodes n1 n2 ($NODE_CPUS CPUs each), partitions debug(default) low (GraceTime ${GRACE_TIME}s) lownograce high; preempt_send_user_signal: $user_signal"
     say "config $CONF (copied to $SYSTEM_CONF); state $STATE; logs in $LOG (cluster.sh logs)"
 }
 
@@ -540,6 +602,7 @@ cmd_down() {
     stop_pid slurmdbd "$(dbd_pidfile)" slurmdbd
     STOP_TIMEOUT=60 stop_pid mariadb "$(mysql_pidfile)" mariadbd
     stop_pid munged "$(munge_pidfile)" munged
+    restore_host_files
     say "down; logs kept in $LOG"
 }
 
@@ -620,7 +683,7 @@ cmd_env() {
 }
 
 usage() {
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 main() {

@@ -103,8 +103,11 @@ def submit_train(
     from tla_jobs.jobs.submit import Plan, preflight, render
     from tla_jobs.jobs.submit import submit_train as do_submit
 
-    run_dir = records.run_dir(name)
     profile = _profile(cluster, nodes, gpus_per_node, time_min, partition, tasks_per_node)
+    if train_kwargs.get("output_dir"):
+        raise TlaError("--output-dir is not used by `tla submit train`: a submitted run lives in RUNS/NAME "
+                       "(set $TLA_RUNS or the profile's runs_root to choose RUNS); --output-dir is for `tla train`")
+    run_dir = records.run_dir(name, records.runs_root(profile.runs_root))
     if (run_dir / "run.json").exists() or (run_dir.exists() and any(run_dir.iterdir())):
         raise TlaError(f"run {name} already exists in {run_dir.parent}; use `tla resume {name}` or another --name")
     plan = Plan(name, run_dir, profile, [_spec(train_kwargs, run_dir, profile)])
@@ -185,15 +188,19 @@ def submit_sweep(
             raise TlaError(f"{flag} {'gives ' + ', '.join(twice) + ' twice' if twice else 'is empty'}")
     records.check_name(name)
     profile = _profile(cluster, nodes, gpus_per_node, time_min, partition, tasks_per_node)
+    if train_kwargs.get("output_dir"):
+        raise TlaError("--output-dir is not used by `tla submit sweep`: each run lives in RUNS/NAME-MODEL-ARM-sSEED "
+                       "(set $TLA_RUNS or the profile's runs_root to choose RUNS)")
+    root = records.runs_root(profile.runs_root)
     plans = []
     for model, arm, seed in itertools.product(model_list, arm_list, seed_list):
         run_name = records.check_name(f"{name}-{model}-{arm}-s{seed}")
-        run_dir = records.run_dir(run_name)
+        run_dir = records.run_dir(run_name, root)
         if run_dir.exists():
             raise TlaError(f"run {run_name} already exists in {run_dir.parent}")
         kw = {**train_kwargs, "model": model, "seed": seed, **arm_opts[arm]}
         plans.append(Plan(run_name, run_dir, profile, [_spec(kw, run_dir, profile)]))
-    sweep_dir = records.runs_root() / f".sweep-{name}"
+    sweep_dir = root / f".sweep-{name}"
     checks = preflight(Plan(name, sweep_dir, profile, [p.specs[0] for p in plans]))
     if dry_run:
         plan = Plan(name, sweep_dir, profile, [p.specs[0] for p in plans])
@@ -308,22 +315,83 @@ def resume(
 
 @app.command("cancel")
 @guard
-def cancel(run: str = typer.Argument(..., help="Run name or directory.")) -> None:
-    """Cancel a run's queued or running jobs (training and eval)."""
+def cancel(
+    run: str = typer.Argument(None, help="Run name or directory."),
+    sweep: str = typer.Option(None, "--sweep", help="Cancel every run of this sweep (`tla submit sweep --name`)."),
+    train_only: bool = typer.Option(False, "--train", help="Only the training job, not the eval jobs."),
+    eval_only: bool = typer.Option(False, "--eval", help="Only the eval jobs, not the training job."),
+) -> None:
+    """Cancel a run's live jobs: its training job and its eval jobs (or a whole sweep's).
+
+    Only jobs that are queued or running are signalled; a finished run keeps its state.
+    """
     from tla_jobs.jobs import records
-    from tla_jobs.jobs.state import collect
+    from tla_jobs.jobs.state import ACTIVE, _folder_for, collect, local_process_alive, query_slurm
     from tla_jobs.jobs.submit import cancel as do_cancel
 
-    run_dir = records.resolve(run)
-    record = records.load(run_dir)
-    by_exec: dict[str, list[str]] = {}
-    for sub in record.get("submissions", []) + record.get("evals", []):
-        by_exec.setdefault(sub["executor"], []).append(sub["job_id"])
-    for executor, ids in by_exec.items():
-        do_cancel(ids if executor == "slurm" else ids[-1:], executor)
-    records.update(run_dir, lambda r: r.update(cancelled=True, cancelled_at=time.time()))
-    console.print(f"cancelled {run_dir.name} ({', '.join(i for ids in by_exec.values() for i in ids)})")
-    _ = collect
+    if bool(run) == bool(sweep):
+        raise TlaError("give one run, or --sweep NAME")
+    if train_only and eval_only:
+        raise TlaError("--train and --eval together: leave both out to cancel every job of the run")
+    if sweep:
+        records.check_name(sweep)
+        paths = []
+        for p in records.all_runs():
+            rec, _ = _record_or_none(p)
+            if rec and rec.get("sweep") == sweep:
+                paths.append(p)
+        if not paths:
+            raise TlaError(f"no runs of a sweep named {sweep!r}")
+    else:
+        paths = [records.resolve(run)]
+        records.load(paths[0])  # a damaged run says so
+    loaded = [(p, _record_or_none(p)[0]) for p in paths]
+    ids = [str(e["job_id"]) for _, rec in loaded if rec for e in rec.get("submissions", []) + rec.get("evals", [])
+           if e.get("executor") == "slurm"]
+    view = query_slurm(ids)
+
+    def live(entry: dict, path: Path) -> bool:
+        if entry.get("executor") == "slurm":
+            recs = view.jobs.get(str(entry["job_id"]), [])
+            return bool(recs) and recs[-1].state in ACTIVE
+        return local_process_alive(entry, _folder_for(entry, path))
+
+    statuses = {st.path: st for st in collect(paths, view)}
+    said = []
+    for path, rec in loaded:
+        st = statuses.get(path)
+        if rec is None or st is None:
+            said.append(f"{path.name}: damaged run, nothing cancelled")
+            continue
+        train = [] if eval_only else [e for e in rec.get("submissions", []) if live(e, path)]
+        evals = [] if train_only else [e for e in rec.get("evals", []) if live(e, path)]
+        if not train and not evals:
+            said.append(f"{path.name}: nothing to cancel ({st.state}; no live "
+                        f"{'eval ' if eval_only else 'training ' if train_only else ''}job)")
+            continue
+        stopped = set(do_cancel(train + evals, path))
+        now = time.time()
+        eval_ids = {str(e["job_id"]) for e in evals} & stopped
+
+        def mark(r, train_stopped=bool({str(e["job_id"]) for e in train} & stopped), eval_ids=eval_ids, now=now):
+            if train_stopped:
+                r.update(cancelled=True, cancelled_at=now)
+            for e in r.get("evals", []):
+                if str(e.get("job_id")) in eval_ids:
+                    e["cancelled"] = now
+
+        records.update(path, mark)
+        parts = [f"training job {e['job_id']}" for e in train if str(e["job_id"]) in stopped]
+        parts += [f"eval job {e['job_id']} ({e.get('eval_id', '')})" for e in evals if str(e["job_id"]) in stopped]
+        said.append(f"cancelled {path.name}: {', '.join(parts)}" if parts else f"{path.name}: nothing to cancel")
+    for line in said:
+        console.print(line, highlight=False, markup=False)
+
+
+def _record_or_none(path: Path):
+    from tla_jobs.jobs import damage
+
+    return damage.record(path)
 
 
 @app.command("signal")

@@ -63,13 +63,25 @@ def _max_attempts(st) -> str:
     return "6"  # submitit's local controller restarts a requeued task up to 6 times
 
 
+def _evals_cell(st) -> str:
+    """The run's eval jobs in a few characters: '-' (none), '2 ok', '1 ok, 1 FAILED', '1 running'."""
+    if not st.evals:
+        return "-"
+    counts: dict[str, int] = {}
+    for ev in st.evals:
+        key = "ok" if ev.state == "COMPLETED" else "running" if ev.state in ("RUNNING", "PENDING", "REQUEUED") \
+            else ev.state
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in counts.items())
+
+
 def _table(statuses) -> Table:
     t = Table(title=None, show_lines=False)
     narrow = console.width < 140  # a laptop terminal: the least needed columns go
-    for col in ("run", "state", "attempt", "epoch", "best top-1", "last top-1", "ETA", "GPU-h", "source",
-                "last event"):
-        if narrow and col in ("source", "last event", "GPU-h"):
-            continue
+    cols = ("run", "state", "attempt", "epoch", "best top-1", "last top-1", "ETA", "evals", "GPU-h", "source",
+            "last event")
+    keep = [c for c in cols if not (narrow and c in ("source", "last event", "GPU-h"))]
+    for col in keep:
         t.add_column(col, no_wrap=col in ("run", "state", "epoch", "attempt"))
     for st in statuses:
         style = STYLE.get(st.state, "")
@@ -77,18 +89,24 @@ def _table(statuses) -> Table:
         if st.problems and st.state != "DAMAGED":
             event = f"damaged: {'; '.join(st.problems)} | {event}"
         name = escape(st.name + (f" {MARK}" if st.problems else ""))
-        cells = [name, f"[{style}]{st.state}[/]" if style else st.state,
-                 f"{len(st.attempts)}/{_max_attempts(st)}", f"{st.epoch}/{st.spec.get('epochs', '?')}",
-                 _fmt(st.best_acc1), _fmt(st.last_acc1), _eta(st.eta_s()), f"{st.gpu_hours:.2f}", st.source,
-                 escape(event)]
-        t.add_row(*(cells[:7] if narrow else cells))
+        state = st.state + (" (waiting for ranks)" if getattr(st, "waiting_for_ranks", False) else "")
+        evals = _evals_cell(st)
+        if any(ev.state not in ("COMPLETED", "RUNNING", "PENDING", "REQUEUED") for ev in st.evals):
+            evals = f"[red]{escape(evals)}[/]"
+        cells = dict(zip(cols, [name, f"[{style}]{state}[/]" if style else state,
+                                f"{len(st.attempts)}/{_max_attempts(st)}", f"{st.epoch}/{st.spec.get('epochs', '?')}",
+                                _fmt(st.best_acc1), _fmt(st.last_acc1), _eta(st.eta_s()), evals,
+                                f"{st.gpu_hours:.2f}", st.source, escape(event)]))
+        t.add_row(*(cells[c] for c in keep))
     return t
 
 
 def _status_json(st) -> dict:
     return {
         "run": st.name, "path": str(st.path), "state": st.state, "source": st.source,
-        "attempts": [{"start": a["start"], "end": a["end"]} for a in st.attempts],
+        "attempts": [{"start": a["start"], "end": a["end"], "outcome": a.get("outcome"), "job": a.get("job"),
+                      "restart_count": a.get("restart_count")} for a in st.attempts],
+        "evals": [vars(ev) for ev in st.evals], "waiting_for_ranks": st.waiting_for_ranks,
         "jobs": [vars(j) for j in st.jobs], "epoch": st.epoch, "epochs": st.spec.get("epochs"),
         "best_acc1": st.best_acc1, "last_acc1": st.last_acc1, "gpu_hours": st.gpu_hours, "eta_s": st.eta_s(),
         "heartbeat": st.heartbeat, "last_event": st.last_event,
@@ -116,17 +134,27 @@ def _detail(st) -> None:
     if st.state == "DAMAGED":
         return
     t = Table(title=f"attempts of {st.name}")
-    for col in ("#", "job", "host", "started", "checkpoint loaded", "ended because", "epoch reached", "step"):
+    for col in ("#", "job", "restart", "host", "started", "checkpoint loaded", "ended because", "epoch reached",
+                "step"):
         t.add_column(col)
     for i, a in enumerate(st.attempts, 1):
         s, e = a["start"], a["end"] or {}
         res = s.get("resumed_from") or {}
         loaded = f"{Path(res['path']).name} (epoch {res['epoch']}, step {res['step']})" if res else "-"
-        t.add_row(str(i), str(s.get("job_id", "")), str(s.get("host", "")),
-                  time.strftime("%m-%d %H:%M:%S", time.localtime(s.get("time", 0))), loaded,
-                  str(e.get("reason", "running" if a is st.attempts[-1] and st.state in ("RUNNING",) else "killed")),
+        t.add_row(str(i), str(s.get("job_id", "")), str(a.get("restart_count", s.get("restart_count", ""))),
+                  str(s.get("host", "")), time.strftime("%m-%d %H:%M:%S", time.localtime(s.get("time", 0))), loaded,
+                  escape(str(a.get("outcome") or e.get("reason", "-"))),
                   str(e.get("epoch", "-")), str(e.get("global_step", "-")))
     console.print(t)
+    if st.evals:
+        ev_table = Table(title=f"eval jobs of {st.name}")
+        for col in ("eval", "job", "checkpoint", "state", "top-1", "top-5", "error"):
+            ev_table.add_column(col)
+        for ev in st.evals:
+            state = f"[{STYLE.get(ev.state, '')}]{ev.state}[/]" if STYLE.get(ev.state) else ev.state
+            ev_table.add_row(escape(ev.eval_id), ev.job_id, escape(Path(ev.checkpoint).name), state, _fmt(ev.acc1),
+                             _fmt(ev.acc5), escape(ev.error or "-"))
+        console.print(ev_table)
     if st.jobs:
         j = Table(title=f"scheduler records ({st.source})")
         for col in ("job", "state", "exit", "start", "end", "elapsed", "GPUs", "nodes", "reason"):
@@ -135,7 +163,11 @@ def _detail(st) -> None:
             j.add_row(r.job_id, r.state, r.exit_code, r.start, r.end, str(r.elapsed_s), str(r.gpus), r.nodes,
                       r.reason)
         console.print(j)
-    if st.heartbeat:
+    if st.heartbeat and st.heartbeat.get("phase") == "waiting for ranks":
+        hb = st.heartbeat
+        console.print(f"heartbeat {time.time() - hb.get('time', 0):.0f}s ago: rank 0 on {hb.get('host')} (job "
+                      f"{hb.get('job_id')}) is waiting for ranks: {hb.get('world_size')} expected", highlight=False)
+    elif st.heartbeat:
         hb = st.heartbeat
         age = time.time() - hb.get("time", 0)
         console.print(f"heartbeat {age:.0f}s ago: {hb.get('phase')} epoch {hb.get('epoch')}/{hb.get('epochs')} "

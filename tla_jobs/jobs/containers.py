@@ -68,11 +68,14 @@ def srun_args(container: ContainerSettings, mount_list: list[str]) -> list[str]:
     return args + list(container.extra_flags)
 
 
-def host_requeue_setup() -> list[str]:
-    """Batch-shell lines: trap the signal on the host, forward it, wait, requeue."""
+def host_requeue_setup(max_requeues: int) -> list[str]:
+    """Batch-shell lines: trap the signal on the host, forward it, wait, requeue (at most
+    ``max_requeues`` times: the profile's max_requeue_timeout + max_requeue_preempt; the trainer
+    in the image refuses a start past max_requeue_preempt on its own)."""
     return [
         "# host-side requeue: the containerised step cannot run scontrol",
         "export TLA_HOST_REQUEUE=1",
+        f"tla_max_requeues={int(max_requeues)}",
         "tla_signal=",
         "tla_forward() { tla_signal=$1; echo \"tla: batch shell got SIG$1, forwarding to the step\" >&2; "
         "kill -s \"$1\" \"$tla_step\" 2>/dev/null; }",
@@ -86,6 +89,11 @@ def host_requeue_setup() -> list[str]:
         # USR2 (time limit, submitit's preemption signal) or a step that stopped on its own signal:
         # requeue. TERM means SLURM itself is requeueing or cancelling the job: leave it to SLURM.
         "  if [ \"$tla_signal\" = USR2 ] || { [ \"$rc\" -eq 75 ] && [ \"$tla_signal\" != TERM ]; }; then",
+        "    if [ \"${SLURM_RESTART_COUNT:-0}\" -ge \"$tla_max_requeues\" ]; then",
+        "      echo \"tla: not requeueing $SLURM_JOB_ID: requeued ${SLURM_RESTART_COUNT:-0} times, the most the "
+        "profile allows (max_requeue_timeout + max_requeue_preempt)\" >&2",
+        "      exit 1",
+        "    fi",
         "    echo \"tla: step stopped (exit $rc) after its checkpoint; requeueing $SLURM_JOB_ID\" >&2",
         "    scontrol requeue \"$SLURM_JOB_ID\"",
         "    exit 0",

@@ -4,16 +4,77 @@ They hold only a plain dict (the TrainConfig as stored in run.json) and import t
 when they run, so submitting pulls in neither torch nor timm. ``checkpoint`` is submitit's
 requeue hook: the resubmitted job drops any explicit ``--resume`` and continues from the run's own
 newest checkpoint, which the trainer wrote when the signal arrived.
+
+A requeue does not always come through submitit: SLURM requeues a preempted job by itself
+(PreemptMode=REQUEUE), and in a container the host shell does. So every attempt of a SLURM job
+first counts the attempts of the same job before it that ended other than at the time limit, and
+refuses to start past the profile's ``max_requeue_preempt`` (an "end" record with reason
+"requeue limit", then the job fails instead of being requeued again).
 """
 
 from __future__ import annotations
 
+import os
+import uuid
+from pathlib import Path
+
+
+def _timed_out(attempt: dict, time_min: int) -> bool:
+    """submitit's rule: an attempt that ran at least min(0.8 limit, limit - 10 min) hit the limit."""
+    start, end = attempt["start"].get("time"), (attempt["end"] or {}).get("time")
+    if not isinstance(start, (int, float)) or not isinstance(end, (int, float)):
+        return False
+    limit = time_min * 60.0
+    return end - start >= min(0.8 * limit, limit - 600)
+
+
+def preemptions(run_dir: Path, job_id: str, time_min: int) -> int:
+    """Attempts of this job that were followed by another one and did not end at the time limit."""
+    from tla_jobs.jobs.state import attempts_of
+
+    mine = [a for a in attempts_of(run_dir) if str(a["start"].get("job_id", "")) == job_id]
+    return sum(1 for a in mine if not _timed_out(a, time_min))
+
+
+def refuse_past_requeue_limit(run_dir: Path, max_requeue_preempt: int | None, time_min: int) -> None:
+    """Called at the start of every attempt of a SLURM job; raises when the limit is passed."""
+    from tla_jobs import rundir
+    from tla_jobs.errors import TlaError
+
+    ident = rundir.job_identity()
+    if max_requeue_preempt is None or ident["executor"] != "slurm" or ident["restart_count"] == 0:
+        return
+    if not rundir_is_main():
+        return
+    done = preemptions(run_dir, ident["job_id"], time_min)
+    if done <= max_requeue_preempt:
+        return
+    msg = (f"requeued after {done} preemptions or requeues, more than the profile's max_requeue_preempt "
+           f"({max_requeue_preempt}); not continuing (`tla resume` starts a new job)")
+    attempt = uuid.uuid4().hex
+    for event in ({"event": "start", "attempt_id": attempt, **ident},
+                  {"event": "end", "attempt_id": attempt, "reason": "requeue limit", "error": msg, **ident}):
+        rundir.append_event(run_dir / rundir.ATTEMPTS, event)
+    raise TlaError(msg)
+
+
+def rundir_is_main() -> bool:
+    """Rank 0 (SLURM_PROCID, else submitit's local id) writes the run's records."""
+    return os.environ.get("SLURM_PROCID", os.environ.get("SUBMITIT_LOCAL_GLOBALID", "0")) == "0"
+
 
 class TrainJob:
+    def __init__(self, max_requeue_preempt: int | None = None, time_min: int = 0):
+        self.max_requeue_preempt = max_requeue_preempt
+        self.time_min = time_min
+
     def __call__(self, spec: dict) -> dict:
         from tla_jobs.train.config import TrainConfig
         from tla_jobs.train.loop import train
 
+        limit = getattr(self, "max_requeue_preempt", None)  # jobs pickled by older versions have none
+        if limit is not None and spec.get("output_dir"):
+            refuse_past_requeue_limit(Path(spec["output_dir"]), limit, getattr(self, "time_min", 0))
         return train(TrainConfig(**spec))
 
     def checkpoint(self, spec: dict):

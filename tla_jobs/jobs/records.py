@@ -23,7 +23,29 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def runs_root(override: str | None = None) -> Path:
+    """Where runs live: a profile's runs_root, else $TLA_RUNS, else ./runs."""
     return Path(override or os.environ.get("TLA_RUNS") or "runs").expanduser().resolve()
+
+
+def roots() -> list[Path]:
+    """Every runs root `tla` looks in: the default one, then the runs_root of each profile it can
+    find (a run submitted with such a profile lives there)."""
+    out = [runs_root()]
+    try:
+        from tla_jobs.jobs import profiles
+
+        for name in profiles.available():
+            try:
+                prof = profiles.load(name)
+            except Exception:  # a broken profile is reported when it is used, not here
+                continue
+            if prof.runs_root:
+                root = runs_root(prof.runs_root)
+                if root not in out:
+                    out.append(root)
+    except Exception:
+        pass
+    return out
 
 
 def check_name(name: str) -> str:
@@ -78,18 +100,23 @@ def update(path: Path, change: Callable[[dict], None]) -> dict:
 
 
 def resolve(name_or_path: str) -> Path:
-    """A run by name under the runs root, or a path to a run directory."""
+    """A run by name under a runs root (roots()), or a path to a run directory."""
     candidate = Path(name_or_path).expanduser()
     if (candidate / rundir.RUN_JSON).exists() and (os.sep in name_or_path or not NAME_RE.fullmatch(name_or_path)):
         return candidate.resolve()
     path = run_dir(name_or_path)
-    if not (path / rundir.RUN_JSON).exists():  # a damaged run.json (even a directory) is still a run
-        raise TlaError(f"run {name_or_path} does not exist in {path.parent}")
-    return path
+    if (path / rundir.RUN_JSON).exists():  # a damaged run.json (even a directory) is still a run
+        return path
+    for root in roots()[1:]:
+        if (root / name_or_path / rundir.RUN_JSON).exists():
+            return root / name_or_path
+    raise TlaError(f"run {name_or_path} does not exist in {path.parent}")
 
 
 def all_runs(root: Path | None = None) -> list[Path]:
-    root = root or runs_root()
-    if not root.is_dir():
-        return []
-    return sorted(p.parent for p in root.glob(f"*/{rundir.RUN_JSON}"))
+    """Every run under ``root``, or under every runs root (roots())."""
+    out: list[Path] = []
+    for r in [root] if root else roots():
+        if r.is_dir():
+            out += sorted(p.parent for p in r.glob(f"*/{rundir.RUN_JSON}"))
+    return out

@@ -5,7 +5,6 @@ summary) for what the scheduler cannot know. Every state says which source it ca
 
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
 import subprocess
@@ -87,15 +86,50 @@ def query_slurm(job_ids: list[str]) -> SchedulerView:
             rec = JobRecord(f[0], state, "sacct", f[2], f[3], f[4], _elapsed(f[5]), _gpus(f[6]), f[7], f[8])
             view.jobs.setdefault(f[0], []).append(rec)
         return view
-    queue = _run(["squeue", "-h", "-j", ",".join(base_ids), "-o", "%i|%T|%r|%N|%M"])
+    # No accounting (or slurmdbd down): squeue knows live jobs, and finished ones for MinJobAge.
+    queue = _run(["squeue", "-h", "--states=all", "-j", ",".join(base_ids), "-o", "%i|%T|%r|%N|%M|%D|%b|%S"])
     view.source = "squeue"
     if queue is not None and queue.returncode == 0:
         for line in queue.stdout.splitlines():
             f = line.strip().split("|")
             if len(f) >= 3:
-                view.jobs.setdefault(f[0], []).append(JobRecord(f[0], f[1], "squeue", reason=f[2],
-                                                                nodes=f[3] if len(f) > 3 else ""))
+                nodes = _int(f[5]) if len(f) > 5 else 1
+                rec = JobRecord(f[0], f[1], "squeue", reason=f[2], nodes=f[3] if len(f) > 3 else "",
+                                elapsed_s=squeue_elapsed(f[4]) if len(f) > 4 else 0,
+                                gpus=_gres_gpus(f[6]) * max(nodes, 1) if len(f) > 6 else 0,
+                                start=f[7] if len(f) > 7 else "")
+                view.jobs.setdefault(f[0], []).append(rec)
     return view
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return 0
+
+
+def squeue_elapsed(text: str) -> int:
+    """squeue's %M (time used): [days-][hours:]minutes:seconds, in seconds."""
+    text = text.strip()
+    days = 0
+    if "-" in text:
+        d, text = text.split("-", 1)
+        days = _int(d)
+    parts = [_int(x) for x in text.split(":")] if text and text not in ("INVALID", "N/A") else []
+    seconds = 0
+    for x in parts:
+        seconds = seconds * 60 + x
+    return days * 86400 + seconds
+
+
+def _gres_gpus(text: str) -> int:
+    """GPUs per node from squeue's %b (e.g. gres:gpu:8, gres/gpu:a100:4, N/A)."""
+    for part in text.split(","):
+        bits = part.replace("/", ":").split(":")
+        if "gpu" in bits:
+            return _int(bits[-1]) if bits[-1] != "gpu" else 1
+    return 0
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -121,26 +155,64 @@ def submitit_outcome(folder: Path, job_id: str) -> str | None:
         return "success" if path.stat().st_size else None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (our own child, not reaped) is not running
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (whose parentheses may hold spaces): field 3 onwards."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process_start(pid: int) -> int | None:
+    """When the process started (field 22 of /proc/PID/stat, clock ticks since boot); None when gone."""
+    fields = _stat_fields(pid)
+    try:
+        return int(fields[19]) if fields else None
+    except (IndexError, ValueError):
+        return None
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
-        return True
+        return ""
 
 
-def local_state(folder: Path, job_id: str) -> JobRecord:
+def local_identity(pid: int) -> dict:
+    """What tells this process apart from a later one that gets the same PID: its start time and
+    the boot. Stored with every local submission."""
+    return {"pid_start": process_start(pid), "boot_id": boot_id()}
+
+
+def local_process_alive(entry: dict, folder: Path) -> bool:
+    """Is the local job's controller (submitit's, PID = job id) still the process that was
+    started? PIDs wrap: a bare PID may name any later process. The start time (and boot) recorded
+    at submission must match; records without one need the controller's command line, which names
+    its submitit folder."""
+    job_id = str(entry.get("job_id", ""))
+    if not job_id.isdigit():
+        return False
+    pid = int(job_id)
+    fields = _stat_fields(pid)
+    if not fields or fields[0] in ("Z", "X"):  # gone, or a zombie (exited, not reaped)
+        return False
+    if entry.get("pid_start") is not None:
+        same_boot = not entry.get("boot_id") or entry["boot_id"] == boot_id()
+        return same_boot and process_start(pid) == entry["pid_start"]
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(b"submitit" in part for part in cmdline) and str(folder).encode() in cmdline
+
+
+def local_state(entry: dict, folder: Path) -> JobRecord:
     """The local executor's job id is the pid of submitit's controller process."""
+    job_id = str(entry.get("job_id", ""))
     outcome = submitit_outcome(folder, job_id)
-    alive = job_id.isdigit() and _pid_alive(int(job_id))
-    if alive:
+    if local_process_alive(entry, folder):
         state = "RUNNING"
     elif outcome == "success":
         state = "COMPLETED"
@@ -149,6 +221,34 @@ def local_state(folder: Path, job_id: str) -> JobRecord:
     else:
         state = "ENDED"  # gone without a result: killed, cancelled or crashed
     return JobRecord(job_id, state, "process table")
+
+
+def submitit_error(folder: Path, job_id: str) -> str:
+    """The last line of the traceback in submitit's error pickle ('' when there is none)."""
+    path = folder / f"{job_id}_0_result.pkl"
+    try:
+        with open(path, "rb") as f:
+            outcome = _PlainUnpickler(f).load()
+        if str(outcome[0]) == "error":
+            lines = [ln.strip() for ln in str(outcome[1]).splitlines() if ln.strip()]
+            return lines[-1][:300] if lines else "error"
+    except Exception:
+        pass
+    return ""
+
+
+@dataclass
+class EvalStatus:
+    """One `tla eval checkpoint` job: its state and what it found (or why it failed)."""
+
+    eval_id: str
+    job_id: str
+    checkpoint: str
+    state: str
+    source: str
+    acc1: float | None = None
+    acc5: float | None = None
+    error: str = ""
 
 
 @dataclass
@@ -166,6 +266,8 @@ class RunStatus:
     last_event: str = ""
     _metrics: list[dict] | None = None
     problems: list[str] = field(default_factory=list)  # damaged files of this run (damage.py says what)
+    evals: list[EvalStatus] = field(default_factory=list)  # `tla eval checkpoint` jobs and their outcome
+    waiting_for_ranks: bool = False  # the newest attempt's rank 0 waits for the others to join
 
     @property
     def spec(self) -> dict:
@@ -212,16 +314,24 @@ class RunStatus:
 
 def attempts_of(path: Path, problems: list[str] | None = None) -> list[dict]:
     """Pair the trainer's start/end events into attempts (unusable lines are left out, and said in
-    ``problems``)."""
+    ``problems``). An end names its attempt (attempt_id); older runs' ends close the newest open one."""
     out: list[dict] = []
     rows, problem = damage.attempt_rows(path)
     if problem and problems is not None:
         problems.append(problem)
+    by_id: dict[str, dict] = {}
     for e in rows:
         if e.get("event") == "start":
-            out.append({"start": e, "end": None})
-        elif e.get("event") == "end" and out and out[-1]["end"] is None:
-            out[-1]["end"] = e
+            a = {"start": e, "end": None}
+            out.append(a)
+            if e.get("attempt_id"):
+                by_id[str(e["attempt_id"])] = a
+        elif e.get("event") == "end":
+            a = by_id.get(str(e.get("attempt_id"))) if e.get("attempt_id") else None
+            if a is None and not e.get("attempt_id"):
+                a = out[-1] if out else None
+            if a is not None and a["end"] is None:
+                a["end"] = e
     return out
 
 
@@ -261,6 +371,21 @@ def _one_safe(path: Path, record: dict, view: SchedulerView) -> RunStatus:
         return _damaged(path, f"unreadable run files ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})")
 
 
+FINAL_REASONS = {"completed", "max_steps"}  # the trainer's end reasons that finish a run
+FAILED_REASONS = {"error", "stalled", "requeue limit"}  # ... and those that end it for good
+
+
+def _job_of(sub: dict) -> str:
+    return str(sub.get("job_id", ""))
+
+
+def _gpus_of(sub: dict) -> int:
+    try:
+        return int(sub.get("gpus_per_node") or 0) * int(sub.get("nodes") or 1)
+    except (TypeError, ValueError):
+        return 0
+
+
 def _one(path: Path, record: dict, view: SchedulerView) -> RunStatus:
     st = RunStatus(record.get("name", path.name), path, record)
     st.attempts = attempts_of(path, st.problems)
@@ -268,65 +393,190 @@ def _one(path: Path, record: dict, view: SchedulerView) -> RunStatus:
     st.summary, summary_problem = damage.summary(path)
     st.problems += [p for p in (beat_problem, summary_problem) if p]
     subs = record.get("submissions", [])
+    local: dict[str, JobRecord] = {}
     for sub in subs:
         if sub.get("executor") == "slurm":
-            recs = view.jobs.get(sub["job_id"], [])
-            st.jobs += recs
+            st.jobs += view.jobs.get(_job_of(sub), [])
         else:
-            st.jobs.append(local_state(_folder_for(sub, path), sub["job_id"]))
-    st.gpu_hours = sum(j.elapsed_s * j.gpus for j in st.jobs) / 3600.0
-    last_end = st.attempts[-1]["end"] if st.attempts else None
+            local[_job_of(sub)] = local_state(sub, _folder_for(sub, path))
+            st.jobs.append(local[_job_of(sub)])
+    st.evals = [_eval_status(path, e, view) for e in record.get("evals", [])]
     if not subs:
         st.state, st.source = "NOT SUBMITTED", "run.json"
         return st
     latest = subs[-1]
     if latest.get("executor") == "slurm":
-        recs = view.jobs.get(latest["job_id"], [])
-        if recs:
-            sched = recs[-1].state
-            st.source = view.source
-        else:
-            sched = None
-            st.source = view.source if view.source != "none" else "heartbeat"
+        recs = view.jobs.get(_job_of(latest), [])
+        sched = recs[-1].state if recs else None
+        st.source = view.source if recs else ("heartbeat" if view.source == "none" else view.source)
     else:
-        sched = local_state(_folder_for(latest, path), latest["job_id"]).state
+        sched = local[_job_of(latest)].state
         st.source = "process table"
-    st.state = _decide(sched, last_end, st.summary, record, latest, path)
-    if sched is None:  # the scheduler no longer knows the job: the state came from the run's own files
-        st.source = f"{view.source}+heartbeat"
-    st.last_event = _last_event(st, last_end)
+    mine = [a for a in st.attempts if str(a["start"].get("job_id", "")) == _job_of(latest)]
+    st.state, decided_by = decide(sched, mine[-1] if mine else None, st.summary, record, latest, path,
+                                  st.heartbeat, st.attempts)
+    if decided_by and sched != st.state:  # settled by the run's own files, not (only) the scheduler
+        st.source = f"{st.source}+{decided_by}"
+    _pair(st, view, subs)
+    st.gpu_hours = _gpu_hours(st, view, subs)
+    beat = st.heartbeat or {}
+    st.waiting_for_ranks = (st.state in ("RUNNING", "UNKNOWN") and beat.get("phase") == "waiting for ranks"
+                            and str(beat.get("job_id", _job_of(latest))) == _job_of(latest))
+    st.last_event = _last_event(st, st.attempts[-1]["end"] if st.attempts else None)
     return st
 
 
-def _decide(sched: str | None, last_end: dict | None, summary: dict | None, record: dict, latest: dict,
-            path: Path) -> str:
-    finished = summary is not None and last_end is not None and last_end.get("reason") in ("completed", "max_steps")
-    failed = last_end is not None and last_end.get("reason") in ("error", "stalled")
-    if record.get("cancelled") and (sched in (None, "CANCELLED", "ENDED") or sched not in ACTIVE):
-        return "CANCELLED"
+def decide(sched: str | None, attempt: dict | None, summary: dict | None, record: dict, latest: dict,
+           path: Path, beat: dict | None = None, attempts: list[dict] | None = None) -> tuple[str, str]:
+    """The run's state from every source, and which source settled it ('' = the scheduler).
+
+    Precedence, the first rule that applies wins:
+
+    1. The trainer's own end record is final for its attempt. When the newest attempt of the
+       newest submission ended ``completed``/``max_steps`` (and summary.json is there) the run is
+       COMPLETED; when it ended ``error``, ``stalled`` or ``requeue limit`` it is FAILED: whatever
+       a scheduler still says (sacct lags after a slurmdbd restart, squeue says COMPLETING).
+    2. The scheduler, for the newest submission (sacct; squeue when accounting is off or down; the
+       process table for local jobs): a live state as it is; a final one as it is, except
+       COMPLETED, which needs the trainer's or submitit's word (a program that failed is never
+       shown completed).
+    3. submitit's result pickle: error is FAILED, success is COMPLETED.
+    4. `tla cancel` recorded a cancel of the live training job: CANCELLED.
+    5. No scheduler record at all (accounting off and the job left squeue): an attempt that ended
+       on SIGTERM with no requeue after it was cancelled (scancel); a heartbeat younger than two
+       minutes is RUNNING.
+    6. Otherwise UNKNOWN.
+
+    A local job whose process is gone without a result is STOPPED.
+    """
+    end = (attempt or {}).get("end") or {}
+    reason = end.get("reason")
+    if reason in FINAL_REASONS and summary is not None:
+        return "COMPLETED", "attempts"
+    if reason in FAILED_REASONS:
+        return "FAILED", "attempts"
     if sched in ACTIVE:
-        if sched == "RUNNING" and latest.get("executor") == "slurm" and failed:
-            return "FAILED"
-        return "REQUEUED" if sched == "REQUEUED" else sched
-    outcome = submitit_outcome(_folder_for(latest, path), latest["job_id"])
-    if outcome == "error" or failed:
-        return "FAILED"  # never shown as completed when the program failed
+        return sched, ""
+    outcome = submitit_outcome(_folder_for(latest, path), _job_of(latest))
+    if outcome == "error":
+        return "FAILED", "submitit"
     if sched == "COMPLETED":
-        return "COMPLETED" if finished or outcome == "success" else "FAILED"
+        return ("COMPLETED", "") if reason in FINAL_REASONS or outcome == "success" else ("FAILED", "")
     if sched in FINAL_BAD:
-        return sched
-    if finished:
-        return "COMPLETED"
+        return sched, ""
+    if outcome == "success":
+        return "COMPLETED", "submitit"
+    if record.get("cancelled"):
+        return "CANCELLED", "run.json"
     if sched == "ENDED":
-        return "STOPPED"
-    # no scheduler record (accounting off and no longer queued): trust a fresh heartbeat
-    beat = damage.heartbeat(path)[0] or {}
-    if beat and time.time() - beat.get("time", 0) < 120 and beat.get("phase") in ("training", "evaluating"):
-        return "RUNNING"
-    return "UNKNOWN"
+        return "STOPPED", ""
+    if reason == "signal:SIGTERM":
+        return "CANCELLED", "attempts"
+    beat = beat or {}
+    fresh = isinstance(beat.get("time"), (int, float)) and time.time() - beat["time"] < 120
+    if fresh and beat.get("phase") in ("training", "evaluating", "waiting for ranks"):
+        return "RUNNING", "heartbeat"
+    return "UNKNOWN", ""
+
+
+def _pair(st: RunStatus, view: SchedulerView, subs: list[dict]) -> None:
+    """Each attempt with the job (and the job's restart) that ran it, and how it ended: the trainer's
+    own end record; else what the scheduler says of that restart; an attempt that a later one took
+    over from (a requeue after a node failure) is superseded, never "killed"."""
+    execs = {_job_of(s): s.get("executor") for s in subs}
+    for i, a in enumerate(st.attempts):
+        s, e = a["start"], a["end"]
+        job = str(s.get("job_id", ""))
+        try:
+            restart = int(s.get("restart_count") or 0)
+        except (TypeError, ValueError):
+            restart = 0
+        recs = view.jobs.get(job, []) if execs.get(job) == "slurm" else []
+        rec = recs[restart] if restart < len(recs) else None
+        a["job"] = vars(rec) if rec else None
+        a["restart_count"] = restart
+        later = st.attempts[i + 1:]
+        if e is not None:
+            a["outcome"] = str(e.get("reason"))
+        elif later and s.get("attempt_id") and any(x["start"].get("attempt_id") for x in later):
+            nxt = later[0]["start"]
+            why = f" after {rec.state}" if rec and rec.state in FINAL_BAD else ""
+            a["outcome"] = (f"superseded{why} by the attempt of job {nxt.get('job_id')} "
+                            f"restart {nxt.get('restart_count', 0)}")
+        elif rec is not None and rec.state not in ACTIVE and rec.state != "COMPLETED":
+            a["outcome"] = f"{rec.state.lower().replace('_', ' ')} (no end record)"
+        elif not later and st.state in ACTIVE:
+            a["outcome"] = "running"
+        elif later:
+            a["outcome"] = "ended without a record (requeued)"
+        else:
+            a["outcome"] = "ended without a record"
+
+
+def _gpu_hours(st: RunStatus, view: SchedulerView, subs: list[dict]) -> float:
+    """From sacct (elapsed x allocated GPUs) where it has the job; else squeue's time used; else
+    the trainer's own attempt records (start to end, or to the heartbeat while it runs)."""
+    total = 0.0
+    gpus = {_job_of(s): _gpus_of(s) for s in subs}
+    for sub in subs:
+        job = _job_of(sub)
+        recs = view.jobs.get(job, []) if sub.get("executor") == "slurm" else []
+        if recs and all(r.source == "sacct" for r in recs):
+            total += sum(r.elapsed_s * (r.gpus or gpus[job]) for r in recs)
+            continue
+        seconds = 0.0
+        for a in st.attempts:
+            if str(a["start"].get("job_id", "")) != job:
+                continue
+            t0 = a["start"].get("time") or 0
+            t1 = (a["end"] or {}).get("time")
+            if t1 is None:
+                t1 = (st.heartbeat or {}).get("time") if (st.heartbeat or {}).get("job_id") == job else None
+            if isinstance(t1, (int, float)) and t1 > t0:
+                seconds += t1 - t0
+        if recs:  # squeue: the time used of the current run, if more than the attempts say
+            seconds = max(seconds, float(sum(r.elapsed_s for r in recs)))
+        total += seconds * gpus[job]
+    return total / 3600.0
+
+
+def _eval_status(path: Path, entry: dict, view: SchedulerView) -> EvalStatus:
+    job = _job_of(entry)
+    folder = _folder_for(entry, path)
+    out = Path(entry.get("output_dir") or path / rundir.EVALS_DIR / str(entry.get("eval_id", "")))
+    ev = EvalStatus(str(entry.get("eval_id", "")), job, str(entry.get("checkpoint", "")), "UNKNOWN", "")
+    result, problem = damage.eval_result(out)
+    if entry.get("executor") == "slurm":
+        recs = view.jobs.get(job, [])
+        sched, ev.source = (recs[-1].state, view.source) if recs else (None, view.source)
+    else:
+        sched, ev.source = local_state(entry, folder).state, "process table"
+    error = submitit_error(folder, job)
+    if result is not None:
+        ev.state, ev.acc1, ev.acc5 = "COMPLETED", result.get("acc1"), result.get("acc5")
+    elif error:
+        ev.state, ev.error = "FAILED", error
+    elif sched in ACTIVE:
+        ev.state = sched
+    elif entry.get("cancelled"):
+        ev.state = "CANCELLED"
+    elif sched in FINAL_BAD or sched == "COMPLETED":
+        ev.state = "FAILED" if sched == "COMPLETED" else sched  # COMPLETED without eval.json: it failed
+        ev.error = problem or ("no eval.json written" if sched == "COMPLETED" else "")
+    elif sched == "ENDED":
+        ev.state, ev.error = "FAILED", problem or "the eval job ended without a result"
+    if problem and not ev.error and ev.state != "COMPLETED":
+        ev.error = problem
+    return ev
 
 
 def _last_event(st: RunStatus, last_end: dict | None) -> str:
+    beat = st.heartbeat or {}
+    if st.waiting_for_ranks:
+        age = time.time() - beat["time"] if isinstance(beat.get("time"), (int, float)) else 0
+        return f"waiting for ranks: {beat.get('world_size', '?')} expected ({age:.0f}s)"
+    if st.attempts and last_end is None and st.attempts[-1].get("outcome", "running") != "running":
+        return f"attempt {len(st.attempts)}: {st.attempts[-1]['outcome']}"
     if last_end is not None:
         return f"attempt ended: {last_end.get('reason')} at epoch {last_end.get('epoch', '?')}"
     if st.attempts:

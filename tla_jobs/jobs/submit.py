@@ -9,6 +9,7 @@ preflight checks, and writes nothing.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -60,13 +61,73 @@ def apply_overrides(profile: Profile, nodes=None, gpus_per_node=None, time_min=N
     return Profile.model_validate(out.model_dump())  # re-validate (a zero or negative override is an error)
 
 
+# ------------------------------------------------------------------------------- script values
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SBATCH_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def _no_control(value, what: str) -> None:
+    if isinstance(value, str) and _CONTROL.search(value):
+        raise TlaError(f"{what} contains a control character ({value!r}): refused, it would break the batch script")
+
+
+def check_script_values(profile: Profile, paths: list[str], name: str = "") -> None:
+    """Every value that reaches the sbatch script (or a mount list), refused when it could break out
+    of its line or its list: control characters (a newline in --partition would start a new shell
+    line) anywhere; ',' and ':' in paths that go into Pyxis/Apptainer/podman mount lists."""
+    s, c = profile.slurm, profile.container
+    _no_control(name, "the run name")
+    for key in ("partition", "account", "qos", "constraint", "exclude", "python"):
+        flag = "--partition" if key == "partition" else f"profile slurm.{key}"
+        _no_control(getattr(s, key, None), flag)
+    for key, value in s.additional_parameters.items():
+        if not _SBATCH_KEY.fullmatch(str(key)):
+            raise TlaError(f"profile slurm.additional_parameters: {key!r} is not an sbatch option name")
+        _no_control(value, f"profile slurm.additional_parameters.{key}")
+    for i, line in enumerate(s.setup):
+        _no_control(line, f"profile slurm.setup[{i}] (one shell line per entry)")
+    for key in ("image", "workdir", "python"):
+        _no_control(getattr(c, key), f"profile container.{key}")
+    for i, m in enumerate(c.mounts):
+        _no_control(m, f"profile container.mounts[{i}]")
+        if c.runtime != "none" and "," in m:
+            raise TlaError(f"profile container.mounts[{i}] {m!r} contains ',', which separates mounts")
+    for i, flag in enumerate(c.extra_flags):
+        _no_control(flag, f"profile container.extra_flags[{i}]")
+    for path in paths:
+        if not path:
+            continue
+        _no_control(path, f"path {path!r}")
+        if c.runtime != "none" and ("," in path or ":" in path):
+            raise TlaError(f"path {path!r} contains {',' if ',' in path else ':'}, which {c.runtime} mount lists "
+                           "use as a separator: move or link it to a path without one")
+    _no_control(sys.executable, "this Python's path")
+
+
+def node_python(profile: Profile) -> tuple[str, str]:
+    """The interpreter the job runs on the nodes, and why: the profile's slurm.python; else `python`
+    of the environment the profile's setup lines prepare; else (no setup) this very interpreter,
+    by its absolute path (a shared filesystem, like the run directory)."""
+    s = profile.slurm
+    explicit = getattr(s, "python", None)
+    if profile.container.runtime != "none":
+        return profile.container.python, "container.python, inside the image"
+    if explicit:
+        return shlex.join(shlex.split(explicit)), "the profile's slurm.python"
+    if s.setup:
+        return "python", "python on PATH after the profile's setup lines (the environment they activate)"
+    return shlex.quote(sys.executable), "the submitting interpreter (the profile has no setup lines)"
+
+
 # ------------------------------------------------------------------------------------------ executor
 
 
 def make_executor(profile: Profile, folder: Path, name: str, run_dir: Path, data_path: str = "",
-                  dependency: str | None = None, array_size: int | None = None):
+                  dependency: str | None = None, array_size: int | None = None, data_paths: list[str] | None = None):
     import submitit
 
+    check_script_values(profile, [str(run_dir.parent), str(folder), *(data_paths or [data_path])], name)
     if profile.executor == "local":
         ex = submitit.AutoExecutor(folder=folder, cluster="local")
         ex.update_parameters(timeout_min=profile.local.timeout_min, tasks_per_node=profile.local.tasks, nodes=1,
@@ -74,16 +135,14 @@ def make_executor(profile: Profile, folder: Path, name: str, run_dir: Path, data
         return ex
     s, c = profile.slurm, profile.container
     mount_list = containers.mounts(c, [str(run_dir.parent), data_path]) if c.runtime != "none" else []
-    python = containers.step_python(c, mount_list) if c.runtime != "none" else None
-    kwargs = {"slurm_max_num_timeout": s.max_requeue_timeout}
-    if python:
-        kwargs["slurm_python"] = python
+    python = containers.step_python(c, mount_list) if c.runtime != "none" else node_python(profile)[0]
+    kwargs = {"slurm_max_num_timeout": s.max_requeue_timeout, "slurm_python": python}
     ex = submitit.AutoExecutor(folder=folder, cluster="slurm", **kwargs)
     extra = {"requeue": True, **s.additional_parameters}
     setup = list(s.setup)
     if c.runtime != "none":
         extra["signal"] = f"B:USR2@{s.signal_delay_s}"
-        setup += containers.host_requeue_setup()
+        setup += containers.host_requeue_setup(s.max_requeue_timeout + s.max_requeue_preempt)
     if dependency:
         extra["dependency"] = dependency
     params = dict(
@@ -98,9 +157,9 @@ def make_executor(profile: Profile, folder: Path, name: str, run_dir: Path, data
     for key in ("partition", "account", "qos", "constraint", "exclude"):
         if getattr(s, key):
             params[f"slurm_{key}"] = getattr(s, key)
-    srun = containers.srun_args(c, mount_list)
-    if srun:
-        params["slurm_srun_args"] = srun
+    # A rank that dies takes the whole step down at once, instead of leaving the others waiting in
+    # a collective until the rendezvous or NCCL timeout.
+    params["slurm_srun_args"] = ["--kill-on-bad-exit=1", *containers.srun_args(c, mount_list)]
     if array_size:
         params["slurm_array_parallelism"] = array_size
     ex.update_parameters(**params)
@@ -286,12 +345,25 @@ def _submitting(profile: Profile, folder: Path):
 
 
 def _submission(job, reason: str, profile: Profile, extra: dict | None = None) -> dict:
+    ident = {}
+    if profile.executor == "local" and str(job.job_id).isdigit():
+        from tla_jobs.jobs.state import local_identity
+
+        ident = local_identity(int(job.job_id))  # a PID alone may later name another process
     return {"job_id": str(job.job_id), "submitted": time.time(), "executor": profile.executor, "reason": reason,
+            **ident,
             "profile": profile.name, "nodes": profile.slurm.nodes if profile.executor == "slurm" else 1,
             "tasks_per_node": profile.slurm.tasks_per_node if profile.executor == "slurm" else profile.local.tasks,
             "gpus_per_node": profile.slurm.gpus_per_node if profile.executor == "slurm" else 0,
             "time_min": profile.slurm.time_min if profile.executor == "slurm" else profile.local.timeout_min,
             **(extra or {})}
+
+
+def requeue_limits(profile: Profile) -> dict:
+    """What the job itself enforces when SLURM (or the host shell) brings it back."""
+    if profile.executor != "slurm":
+        return {}
+    return {"max_requeue_preempt": profile.slurm.max_requeue_preempt, "time_min": profile.slurm.time_min}
 
 
 def submit_train(plan: Plan, reason: str = "submit") -> dict:
@@ -301,7 +373,7 @@ def submit_train(plan: Plan, reason: str = "submit") -> dict:
     ex = make_executor(plan.profile, plan.run_dir / rundir.SUBMITIT_DIR, plan.name, plan.run_dir,
                        spec.get("data_path", ""), plan.dependency)
     with _submitting(plan.profile, plan.run_dir / rundir.SUBMITIT_DIR):
-        job = ex.submit(TrainJob(), spec)
+        job = ex.submit(TrainJob(**requeue_limits(plan.profile)), spec)
     entry = _submission(job, reason, plan.profile)
     records.update(plan.run_dir, lambda r: r["submissions"].append(entry))
     return entry
@@ -326,7 +398,7 @@ def submit_sweep(plans: list[Plan], profile: Profile, sweep_dir: Path, name: str
 
     specs = [p.specs[0] for p in plans]
     ex = make_executor(profile, sweep_dir, name, plans[0].run_dir, specs[0].get("data_path", ""),
-                       array_size=len(specs))
+                       array_size=len(specs), data_paths=[sp.get("data_path", "") for sp in specs])
     from unittest import mock
 
     threads = {}
@@ -336,7 +408,7 @@ def submit_sweep(plans: list[Plan], profile: Profile, sweep_dir: Path, name: str
         per_run = max(1, (os.cpu_count() or 1) // (len(specs) * profile.local.tasks))
         threads = {"TLA_CPU_THREADS": str(per_run)}
     with _submitting(profile, sweep_dir), mock.patch.dict(os.environ, threads):
-        jobs = ex.map_array(TrainJob(), specs)
+        jobs = ex.map_array(TrainJob(**requeue_limits(profile)), specs)
     out = []
     for index, (plan, job) in enumerate(zip(plans, jobs)):
         entry = _submission(job, "sweep", profile, {"sweep": name, "array_index": index,
@@ -346,17 +418,27 @@ def submit_sweep(plans: list[Plan], profile: Profile, sweep_dir: Path, name: str
     return out
 
 
-def cancel(job_ids: list[str], executor: str) -> None:
+def cancel(entries: list[dict], run_dir: Path) -> list[str]:
+    """Stop these jobs (run.json entries of jobs that are live); returns the ids actually signalled.
+    SLURM jobs get scancel. A local job's controller gets SIGTERM (it forwards it to the tasks) only
+    while it is the very process that was started: a PID alone may by now name another process."""
     import signal as _signal
 
-    if executor == "slurm":
-        if job_ids:
-            res = _run(["scancel", *job_ids])
-            if res is None or res.returncode != 0:
-                raise TlaError(f"scancel failed: {res.stderr.strip() if res else 'scancel not found'}")
-        return
-    for jid in job_ids:  # local: the job id is the pid of submitit's controller, which forwards TERM
+    from tla_jobs.jobs.state import _folder_for, local_process_alive
+
+    stopped: list[str] = []
+    slurm_ids = [str(e["job_id"]) for e in entries if e.get("executor") == "slurm"]
+    if slurm_ids:
+        res = _run(["scancel", *slurm_ids])
+        if res is None or res.returncode != 0:
+            raise TlaError(f"scancel failed: {res.stderr.strip() if res else 'scancel not found'}")
+        stopped += slurm_ids
+    for e in entries:
+        if e.get("executor") != "local" or not local_process_alive(e, _folder_for(e, run_dir)):
+            continue
         try:
-            os.kill(int(jid), _signal.SIGTERM)
-        except (ProcessLookupError, ValueError):
+            os.kill(int(e["job_id"]), _signal.SIGTERM)
+            stopped.append(str(e["job_id"]))
+        except ProcessLookupError:
             pass
+    return stopped
