@@ -1,5 +1,8 @@
 """Train and eval loaders: timm's transforms and samplers, made exactly resumable.
 
+Workers produce uint8 tensors (timm's prefetcher-style transforms); normalisation and random
+erasing run on the training device (tla_jobs.data.device). Workers persist across epochs.
+
 Two things timm and torch lack, written here:
 - `ResumableSampler` starts an epoch part-way (after the samples already trained on), so a run
   resumed mid-epoch sees the same remaining samples in the same order as one never stopped.
@@ -23,10 +26,9 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import ImageFolder
 
+from tla_jobs.data.device import DeviceTransform, LoaderBatches
 from tla_jobs.errors import DataError
 from tla_jobs.train.config import TrainConfig
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as DeiT uses
 
 
 def _posterize(img, bits_to_keep, **__):
@@ -47,8 +49,8 @@ for _name, _op in list(_aa.NAME_TO_OP.items()):
 
 
 def build_transforms(cfg: TrainConfig, size: int):
-    """DeiT's train transform (RandAugment, random erasing, RandomResizedCrop) and eval transform
-    (resize to size/0.875, centre crop), both from timm."""
+    """DeiT's train transform (RandomResizedCrop, flip, RandAugment; random erasing follows on the
+    device) and eval transform (resize to size/0.875, centre crop), both from timm, to uint8."""
     train = create_transform(
         size,
         is_training=True,
@@ -56,14 +58,10 @@ def build_transforms(cfg: TrainConfig, size: int):
         color_jitter=cfg.color_jitter,
         auto_augment=cfg.aa,
         interpolation=cfg.interpolation,
-        re_prob=cfg.reprob,
-        re_mode="pixel",
-        re_count=1,
-        mean=MEAN,
-        std=STD,
+        use_prefetcher=True,
     )
     evaluate = create_transform(size, is_training=False, interpolation=cfg.interpolation, crop_pct=0.875,
-                                mean=MEAN, std=STD)
+                                use_prefetcher=True)
     return train, evaluate
 
 
@@ -131,7 +129,7 @@ def _folder(data: Path, split: str, transform) -> ImageFolder:
 
 
 def train_loader(cfg: TrainConfig, data: Path, img_size: int, rank: int, world_size: int):
-    """(dataset, ResumableSampler, DataLoader) of this rank's share of the training split."""
+    """(dataset, ResumableSampler, DataLoader) of this rank's share of the training split, as uint8."""
     train_tf, _ = build_transforms(cfg, img_size)
     ds = _folder(data, "train", train_tf)
     if len(ds) < cfg.batch_size * world_size:
@@ -150,9 +148,18 @@ def train_loader(cfg: TrainConfig, data: Path, img_size: int, rank: int, world_s
         num_workers=cfg.workers,
         pin_memory=torch.cuda.is_available(),
         drop_last=True,
-        persistent_workers=False,  # a new epoch may start part-way; workers are restarted per epoch
+        # Workers live across epochs: the sampler (in this process) decides where an epoch starts.
+        persistent_workers=cfg.workers > 0,
+        prefetch_factor=4 if cfg.workers > 0 else None,
     )
     return ds, sampler, loader
+
+
+def train_batches(cfg: TrainConfig, data: Path, img_size: int, rank: int, world_size: int,
+                  transform: DeviceTransform) -> tuple[int, LoaderBatches]:
+    """(dataset size, batches on the device) of this rank's share of the training split."""
+    ds, sampler, loader = train_loader(cfg, data, img_size, rank, world_size)
+    return len(ds), LoaderBatches(loader, sampler, transform, cfg.batch_size, cfg.seed, rank)
 
 
 def eval_loader(cfg: TrainConfig, data: Path, img_size: int, rank: int, world_size: int):
@@ -161,5 +168,6 @@ def eval_loader(cfg: TrainConfig, data: Path, img_size: int, rank: int, world_si
     ds = _folder(data, "val", eval_tf)
     sampler = _Shard(len(ds), rank, world_size) if cfg.dist_eval and world_size > 1 else None
     loader = DataLoader(ds, batch_size=max(cfg.batch_size, 64), sampler=sampler, shuffle=False,
-                        num_workers=cfg.workers, pin_memory=torch.cuda.is_available())
+                        num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
+                        persistent_workers=cfg.workers > 0)
     return ds, loader

@@ -12,9 +12,12 @@ import hashlib
 import io
 import logging
 import os
+import random
 import re
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tla_jobs.errors import CheckpointError
@@ -113,3 +116,69 @@ def load_latest(folder: str | Path) -> tuple[dict, str, Path] | None:
             continue
         return payload, digest, path
     return None
+
+
+def remove_orphans(folder: Path) -> list[Path]:
+    """Delete temporary files that a killed write left behind (``.checkpoint_*.tmp``)."""
+    gone = []
+    for tmp in folder.glob(".checkpoint_*.tmp"):
+        try:
+            tmp.unlink()
+            gone.append(tmp)
+        except OSError:
+            pass
+    if gone:
+        log.info("removed %d unfinished checkpoint file(s) left by a killed attempt", len(gone))
+    return gone
+
+
+# ---- what a checkpoint holds besides weights: RNG streams, and the whole training state ----------
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), int(n[2]), int(n[3]), float(n[4])))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def payload(meta: dict, model, optimizer, scheduler, scaler, ema, progress: dict, rng: list) -> dict:
+    """A checkpoint's contents: identity (``meta``), every stateful piece, progress and RNG of all ranks."""
+    return {
+        "format": FORMAT,
+        **meta,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "ema": ema.module.state_dict() if ema is not None else None,
+        **progress,
+        "rng": rng,
+        "time": time.time(),
+    }
+
+
+def restore(payload: dict, path: Path, model, optimizer, scheduler, scaler, ema) -> None:
+    """Load every stateful piece; a checkpoint of another shape is one clear error."""
+    try:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        if scaler is not None and payload.get("scaler"):
+            scaler.load_state_dict(payload["scaler"])
+        if ema is not None and payload.get("ema"):
+            ema.module.load_state_dict(payload["ema"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}") from None

@@ -72,7 +72,7 @@ class TrainConfig(BaseModel):
     compile: bool = Field(False, description="torch.compile the model, label propagation included")
     peak_tflops: float | None = Field(None, gt=0, description="the device's peak TFLOP/s for MFU; default: known "
                                       "for common GPUs (bf16/fp16 dense)")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=2**31)
     workers: int = Field(4, ge=0)
     dist_eval: bool = False
     resume: str = ""

@@ -42,7 +42,20 @@ def export_submitit_env() -> None:
         return
 
 
-def init(timeout_min: float = 30.0) -> DistInfo:
+def rendezvous_timeout_s() -> float:
+    """How long ranks wait for each other (forming the group, then any collective): long enough for
+    a slow node to start and for rank 0's checkpoint write, short enough that a job whose rank died
+    before the group formed does not sit idle for half an hour (srun --kill-on-bad-exit ends the
+    others when a rank exits; this bounds the case where one never starts)."""
+    return float(os.environ.get("TLA_RENDEZVOUS_TIMEOUT_S", "300"))
+
+
+def expected_world_size() -> int:
+    export_submitit_env()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init() -> DistInfo:
     export_submitit_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -62,7 +75,7 @@ def init(timeout_min: float = 30.0) -> DistInfo:
         dist.init_process_group(
             backend="nccl" if cuda else "gloo",
             init_method="env://",
-            timeout=datetime.timedelta(minutes=timeout_min),
+            timeout=datetime.timedelta(seconds=rendezvous_timeout_s()),
             **({"device_id": device} if cuda else {}),
         )
     return DistInfo(rank, world, local_rank, local_world, device)

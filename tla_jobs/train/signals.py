@@ -6,13 +6,22 @@ checkpoint written from inside a signal handler could catch the optimizer half-w
 step, so the handler only records the signal and the training loop acts on it at the next step
 boundary. submitit's own USR2 handler (which requeues the job) is kept and called after the
 checkpoint is on disk.
+
+After a SIGTERM inside a SLURM job the trainer must not exit on its own: with preemption by
+SIGTERM + GraceTime (PreemptMode=REQUEUE, the common site set-up) or `scontrol requeue`, SLURM
+requeues a job that it ends itself, but a job that exits during the grace time is recorded FAILED
+and never comes back. So after its checkpoint the trainer waits to be killed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
+import time
+
+log = logging.getLogger("tla.train")
 
 
 class StopSignals:
@@ -47,3 +56,21 @@ class StopSignals:
         self.restore()
         handler(signal.SIGUSR2, None)
         return True
+
+
+def must_wait_for_kill(signame: str) -> bool:
+    """SIGTERM in a SLURM job (not in a container whose host shell requeues): let SLURM end it."""
+    return (signame == "SIGTERM" and bool(os.environ.get("SLURM_JOB_ID"))
+            and os.environ.get("TLA_HOST_REQUEUE") != "1")
+
+
+def wait_for_kill() -> None:
+    """Sleep until SLURM's SIGKILL (bounded by TLA_SIGTERM_WAIT_S, default 600 s); SIGTERMs that
+    arrive meanwhile are ignored."""
+    limit = float(os.environ.get("TLA_SIGTERM_WAIT_S", "600"))
+    log.info("checkpoint written; waiting for SLURM to end the job (it requeues jobs it ends itself)")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
