@@ -213,9 +213,16 @@ def submit_sweep(
         raise TlaError(f"preflight failed: {bad[0].name}: {bad[0].detail}")
     if sweep_dir.exists():
         raise TlaError(f"sweep {name} already exists ({sweep_dir})")
-    for p in plans:
-        records.create(p.run_dir, {"kind": "train", "spec": p.specs[0], "profile": profile.model_dump(),
-                                   "profile_name": profile.name, "sweep": name, "image": profile.container.image})
+    created = []
+    try:
+        for p in plans:
+            records.create(p.run_dir, {"kind": "train", "spec": p.specs[0], "profile": profile.model_dump(),
+                                       "profile_name": profile.name, "sweep": name, "image": profile.container.image})
+            created.append(p.run_dir)
+    except BaseException:  # e.g. the disk filled up half-way: no run of the sweep is left unsubmitted
+        for run_dir in created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     entries = do_sweep(plans, profile, sweep_dir, name)
     if as_json:
         typer.echo(json.dumps([{"run": p.name, **e} for p, e in zip(plans, entries)]))

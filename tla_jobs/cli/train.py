@@ -25,8 +25,10 @@ def train_command(train_kwargs: dict) -> None:
     (exit code 75).
     """
     from tla_jobs.train.config import TrainConfig
+    from tla_jobs.train.preflight import check_config
 
     cfg = TrainConfig(**train_kwargs)
+    check_config(cfg)  # the model checks (meta device) before any data, process group or file
     from tla_jobs.train.loop import train
 
     result = train(cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -78,8 +79,12 @@ def create(path: Path, record: dict) -> None:
                        "or another --name") from None
     record = {"name": path.name, "created": time.time(), "version": __version__, "git_commit": git_commit(),
               "submissions": [], "evals": [], **record}
-    with locked(path / rundir.RUN_JSON):
-        atomic_write_json(path / rundir.RUN_JSON, record)
+    try:
+        with locked(path / rundir.RUN_JSON):
+            atomic_write_json(path / rundir.RUN_JSON, record)
+    except BaseException:  # a full or read-only disk: leave no half-made run that blocks the name
+        shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def load(path: Path) -> dict:
