@@ -222,6 +222,8 @@ def preflight(plan: Plan) -> list[Check]:
     writable = existing.is_dir() and os.access(existing, os.W_OK)  # access() says EROFS for root too
     checks.append(Check("runs root", writable, f"{root} {'writable' if writable else 'not writable'}"))
     if plan.profile.executor == "slurm":
+        py, why = node_python(plan.profile)
+        checks.append(Check("python on the nodes", True, f"{py} ({why})"))
         checks += slurm_checks(plan.profile)
     return checks
 
