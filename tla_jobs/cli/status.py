@@ -85,6 +85,7 @@ def _table(statuses) -> Table:
         t.add_column(col, no_wrap=col in ("run", "state", "epoch", "attempt"))
     for st in statuses:
         style = STYLE.get(st.state, "")
+        _ = st.progress  # may read metrics.jsonl: its damage must be known before the name is marked
         event = st.last_event
         if st.problems and st.state != "DAMAGED":
             event = f"damaged: {'; '.join(st.problems)} | {event}"

@@ -8,6 +8,7 @@ import json
 import statistics
 from pathlib import Path
 
+from tla_jobs.fsutil import atomic_write_bytes
 from tla_jobs.jobs import damage
 from tla_jobs.jobs.state import RunStatus
 
@@ -171,7 +172,9 @@ def plot(statuses: list[RunStatus], out: Path, by_arm: bool = False) -> Path:
     if any(st.progress["epochs_done"] for st in statuses):
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=out.suffix.lstrip(".").lower() or "png")
     plt.close(fig)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, buf.getvalue())  # a full disk leaves the previous plot, not half a new one
     return out
