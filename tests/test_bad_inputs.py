@@ -323,7 +323,7 @@ ARGS = [
     ([*TRAIN, "--model", "tla_swin_micro", "--img-size", "24"], "windows do not tile"),
     ([*TRAIN, "--model", "no_such_model"], "unknown model"),
     ([*TRAIN, "--model", "resnet18", "--no-tl-align", "--img-size", "64"], "--model resnet18 cannot be built"),
-    ([*TRAIN, "--num-classes", "1", "--model", "tla_vit_nano"], "--num-classes 1"),
+    ([*TRAIN, "--num-classes", "1", "--model", "tla_vit_nano"], "--num-classes"),
     ([*TRAIN, "--eval-only", "--model", "tla_vit_nano"], "--eval-only needs --resume"),
     # submission
     ([*SUBMIT, "--model", "resnet18"], "preflight failed: model: --model resnet18"),
