@@ -35,8 +35,11 @@ def _run(root, name, model, arm, seed, sweep, acc):
     (d / "heartbeat.json").write_text(json.dumps({"phase": "finished", "epoch": 3, "epochs": 3, "time": time.time(),
                                                   "progress": metrics_summary(rows)}))
     (d / "summary.json").write_text(json.dumps({"state": "completed", "best_acc1": acc}))
-    (d / "attempts.jsonl").write_text(json.dumps({"event": "start", "epoch": 0, "global_step": 0, "time": time.time()})
-                                      + "\n" + json.dumps({"event": "end", "reason": "completed", "epoch": 3}) + "\n")
+    who = {"job_id": "4999999", "restart_count": 0, "executor": "local"}  # as the trainer records its attempts
+    (d / "attempts.jsonl").write_text(json.dumps({"event": "start", "epoch": 0, "global_step": 0, "time": time.time(),
+                                                  **who})
+                                      + "\n" + json.dumps({"event": "end", "reason": "completed", "epoch": 3, **who})
+                                      + "\n")
 
 
 @pytest.fixture
