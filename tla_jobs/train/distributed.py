@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tla_jobs.errors import TlaError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -72,12 +74,19 @@ def init() -> DistInfo:
         threads = int(os.environ.get("TLA_CPU_THREADS", "0")) or (os.cpu_count() or 1) // max(1, local_world)
         torch.set_num_threads(max(1, threads))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if cuda else "gloo",
-            init_method="env://",
-            timeout=datetime.timedelta(seconds=rendezvous_timeout_s()),
-            **({"device_id": device} if cuda else {}),
-        )
+        try:
+            dist.init_process_group(
+                backend="nccl" if cuda else "gloo",
+                init_method="env://",
+                timeout=datetime.timedelta(seconds=rendezvous_timeout_s()),
+                **({"device_id": device} if cuda else {}),
+            )
+        except dist.DistError as exc:
+            raise TlaError(
+                f"rank {rank}: the {world} ranks did not all meet at {os.environ.get('MASTER_ADDR')}:"
+                f"{os.environ.get('MASTER_PORT')} within {rendezvous_timeout_s():.0f} s "
+                f"(TLA_RENDEZVOUS_TIMEOUT_S): {str(exc).splitlines()[0][:200]}"
+            ) from None
     return DistInfo(rank, world, local_rank, local_world, device)
 
 
