@@ -410,8 +410,7 @@ def send_signal(
     """Send the preemption signal to a running run, to test its checkpoint-and-requeue path."""
     import signal as _signal
 
-    from tla_jobs.fsutil import read_json
-    from tla_jobs.jobs import records
+    from tla_jobs.jobs import damage, records
     from tla_jobs.jobs.submit import _run
 
     if sig not in ("USR2", "TERM", "USR1", "INT"):
@@ -426,9 +425,9 @@ def send_signal(
         if res is None or res.returncode != 0:
             raise TlaError(f"scancel --signal failed: {res.stderr.strip() if res else 'scancel not found'}")
     else:
-        beat = read_json(run_dir / "heartbeat.json") or {}
+        beat = damage.heartbeat(run_dir)[0] or {}  # checked: a damaged heartbeat is no live one
         pid = beat.get("pid")
-        if not pid or beat.get("phase") not in ("training", "evaluating"):
+        if not isinstance(pid, int) or pid <= 1 or beat.get("phase") not in ("training", "evaluating"):
             raise TlaError(f"run {run_dir.name} is not training (no live heartbeat)")
         try:
             os.kill(int(pid), getattr(_signal, f"SIG{sig}"))
