@@ -180,6 +180,8 @@ DAMAGES = [
      "progress.best", False),
     ("heartbeat-epochs-done-float",
      _rewrite_json("heartbeat.json", lambda h: h["progress"].__setitem__("epochs_done", 2.5)), "epochs_done", False),
+    ("heartbeat-time-1e308", _rewrite_json("heartbeat.json", lambda h: h.__setitem__("time", 1e308)),
+     "heartbeat.json has no time", False),
     ("summary-list", _write("summary.json", "[]"), "summary.json is a list", False),
     ("summary-truncated", _truncate("summary.json"), "summary.json is not valid JSON", False),
     ("summary-directory", _write("summary.json", IsADirectoryError), "summary.json is a directory", False),
@@ -190,6 +192,7 @@ DAMAGES = [
      "attempts.jsonl: 1 of 1 rows unusable", False),
     ("attempts-time-text", _write("attempts.jsonl", '{"event": "start", "time": "noon"}\n'), "attempts.jsonl", False),
     ("attempts-binary", _write("attempts.jsonl", GARBAGE), "attempts.jsonl is not text", False),
+    ("attempts-time-1e308", _write("attempts.jsonl", '{"event": "start", "time": 1e308}\n'), "attempts.jsonl", False),
     ("attempts-directory", _write("attempts.jsonl", IsADirectoryError), "attempts.jsonl is a directory", False),
     ("metrics-garbage-line", _write("metrics.jsonl", '{"epoch": 0, "acc1": 50.0}\n{"epoch": 1, "acc'),
      "metrics.jsonl: 1 of 2 lines damaged", False),
@@ -198,6 +201,31 @@ DAMAGES = [
     ("metrics-negative-epoch", _write("metrics.jsonl", '{"epoch": -1, "acc1": 5.0}\n'), "metrics.jsonl", False),
     ("metrics-directory", _write("metrics.jsonl", IsADirectoryError), "metrics.jsonl is a directory", False),
 ]
+
+
+# odd but not damaged: shown as they are, without a traceback
+ODD = [
+    ("eta-of-1e308-s", _rewrite_json("heartbeat.json", lambda h: h["progress"].__setitem__("mean_epoch_s", 1e308))),
+    ("loss-nan", _write("metrics.jsonl", '{"epoch": 0, "acc1": 5.0, "val_loss": NaN, "train_loss": Infinity}\n')),
+    ("resumed-from-without-epoch",
+     _write("attempts.jsonl", '{"event": "start", "time": 1, "resumed_from": {"path": "/x/ckpt.pth"}}\n')),
+    ("unknown-extra-keys", _rewrite_json("run.json", lambda r: r.__setitem__("added_by_a_later_version", {"x": 1}))),
+    ("huge-epochs", _rewrite_json("run.json", lambda r: r["spec"].__setitem__("epochs", 10**30))),
+]
+
+
+@pytest.mark.parametrize("damage", [c[1] for c in ODD], ids=[c[0] for c in ODD])
+def test_odd_values_are_shown_as_they_are(world, damage):
+    root, env = world
+    victim = make_run(root, "victim")
+    beat = json.loads((victim / "heartbeat.json").read_text())
+    beat["phase"] = "training"  # a live-looking run: ETA and the heartbeat line are shown
+    (victim / "heartbeat.json").write_text(json.dumps(beat))
+    damage(victim)
+    for args in (["status"], ["status", "victim"], ["status", "--json"], ["report"], ["logs", "victim"]):
+        proc = tla(env, *args)
+        assert proc.returncode == 0 and not proc.stderr.strip(), (args, proc.stderr[-3000:])
+    assert_others_readable(env)
 
 
 def _damaged_world(world, case_id):

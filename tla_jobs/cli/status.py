@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,9 @@ def _paths(runs: list[str] | None, all_runs: bool) -> list[Path]:
 
     if runs:
         return [records.resolve(r) for r in runs]
+    root = records.runs_root()
+    if root.exists() and not root.is_dir():
+        raise TlaError(f"the runs root {root} is a file, not a directory (set $TLA_RUNS to a folder)")
     return records.all_runs()
 
 
@@ -48,7 +52,7 @@ def _fmt(v, spec=".2f") -> str:
 
 
 def _eta(seconds) -> str:
-    if seconds is None:
+    if seconds is None or not math.isfinite(seconds) or seconds > 1e9:
         return "-"
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
@@ -141,7 +145,7 @@ def _detail(st) -> None:
     for i, a in enumerate(st.attempts, 1):
         s, e = a["start"], a["end"] or {}
         res = s.get("resumed_from") or {}
-        loaded = f"{Path(res['path']).name} (epoch {res['epoch']}, step {res['step']})" if res else "-"
+        loaded = f"{Path(res['path']).name} (epoch {res.get('epoch')}, step {res.get('step')})" if res else "-"
         t.add_row(str(i), str(s.get("job_id", "")), str(a.get("restart_count", s.get("restart_count", ""))),
                   str(s.get("host", "")), time.strftime("%m-%d %H:%M:%S", time.localtime(s.get("time", 0))), loaded,
                   escape(str(a.get("outcome") or e.get("reason", "-"))),

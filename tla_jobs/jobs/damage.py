@@ -22,6 +22,11 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _time(v: Any) -> bool:
+    """A Unix time a clock could show (not 1e308, which no date can be made of)."""
+    return _number(v) and 0 <= v < 1e11
+
+
 def _real(v: Any) -> bool:
     """A number, NaN and infinity included (a diverged loss is a fact, not damage)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -50,7 +55,7 @@ def _job_problem(job: Any, what: str, i: int) -> str | None:
         return f"{what} {i + 1} has no job_id"
     if job.get("executor") not in ("local", "slurm"):
         return f"{what} {i + 1} has executor {job.get('executor')!r} (local or slurm)"
-    if not _opt(job.get("submitted"), _number):
+    if not _opt(job.get("submitted"), _time):
         return f"{what} {i + 1} has a submitted time that is not a number"
     for key in ("submitit_folder", "output_dir", "reason"):
         if not _opt(job.get(key), _str):
@@ -80,7 +85,7 @@ def record_problem(record: Any) -> str | None:
             problem = _job_problem(job, "submission" if key == "submissions" else "eval", i)
             if problem:
                 return f"run.json: {problem}"
-    if not _opt(record.get("created"), _number):
+    if not _opt(record.get("created"), _time):
         return "run.json's created time is not a number"
     for key in ("name", "sweep", "kind"):
         if not _opt(record.get(key), _str):
@@ -124,7 +129,7 @@ HEARTBEAT_NUMBERS = ("time", "epoch", "epochs", "step", "steps_per_epoch", "glob
 def heartbeat_problem(beat: Any) -> str | None:
     if not isinstance(beat, dict):
         return f"is {_type(beat)}, not an object"
-    if not _number(beat.get("time")):
+    if not _time(beat.get("time")):
         return "has no time (or not a number)"
     for key in HEARTBEAT_NUMBERS:
         if not _opt(beat.get(key), _real):
@@ -159,9 +164,11 @@ def eval_result(path: Path) -> tuple[dict | None, str | None]:
     def check(v):
         if not isinstance(v, dict):
             return f"is {_type(v)}, not an object"
-        for key in ("acc1", "acc5", "time"):
+        for key in ("acc1", "acc5"):
             if not _opt(v.get(key), _real):
                 return f"{key} is not a number"
+        if not _opt(v.get("time"), _time):
+            return "time is not a time"
         return None
 
     value, problem = _checked(path, rundir.EVAL, check)
@@ -169,7 +176,7 @@ def eval_result(path: Path) -> tuple[dict | None, str | None]:
 
 
 def _attempt_ok(row: dict) -> bool:
-    if row.get("event") not in ("start", "end") or not _opt(row.get("time"), _number):
+    if row.get("event") not in ("start", "end") or not _opt(row.get("time"), _time):
         return False
     res = row.get("resumed_from")
     if res is not None and not (isinstance(res, dict) and _str(res.get("path"))):
