@@ -370,14 +370,15 @@ def cancel(
         if rec is None or st is None:
             said.append(f"{path.name}: damaged run, nothing cancelled")
             continue
-        train = [] if eval_only else [e for e in rec.get("submissions", []) if live(e, path)]
+        # a run whose trainer has written its final record is finished, even while its process exits
+        train = [] if eval_only or st.state not in ACTIVE else [e for e in rec.get("submissions", []) if live(e, path)]
         evals = [] if train_only else [e for e in rec.get("evals", []) if live(e, path)]
         if not train and not evals:
             said.append(f"{path.name}: nothing to cancel ({st.state}; no live "
                         f"{'eval ' if eval_only else 'training ' if train_only else ''}job)")
             continue
-        stopped = set(do_cancel(train + evals, path))
         now = time.time()
+        stopped = set(do_cancel(train + evals, path))
         eval_ids = {str(e["job_id"]) for e in evals} & stopped
 
         def mark(r, train_stopped=bool({str(e["job_id"]) for e in train} & stopped), eval_ids=eval_ids, now=now):

@@ -434,8 +434,9 @@ def decide(sched: str | None, attempt: dict | None, summary: dict | None, record
 
     1. The trainer's own end record is final for its attempt. When the newest attempt of the
        newest submission ended ``completed``/``max_steps`` (and summary.json is there) the run is
-       COMPLETED; when it ended ``error``, ``stalled`` or ``requeue limit`` it is FAILED: whatever
-       a scheduler still says (sacct lags after a slurmdbd restart, squeue says COMPLETING).
+       COMPLETED; when it ended ``error``, ``stalled`` or ``requeue limit`` it is FAILED (CANCELLED
+       when that end came after a `tla cancel`, which caused it): whatever a scheduler still says
+       (sacct lags after a slurmdbd restart, squeue says COMPLETING).
     2. The scheduler, for the newest submission (sacct; squeue when accounting is off or down; the
        process table for local jobs): a live state as it is; a final one as it is, except
        COMPLETED, which needs the trainer's or submitit's word (a program that failed is never
@@ -454,6 +455,9 @@ def decide(sched: str | None, attempt: dict | None, summary: dict | None, record
     if reason in FINAL_REASONS and summary is not None:
         return "COMPLETED", "attempts"
     if reason in FAILED_REASONS:
+        cancelled_at = record.get("cancelled_at") if record.get("cancelled") else None
+        if isinstance(cancelled_at, (int, float)) and (end.get("time") or 0) >= cancelled_at - 1:
+            return "CANCELLED", "run.json"  # it died of the cancel (stopped while it started up)
         return "FAILED", "attempts"
     if sched in ACTIVE:
         return sched, ""

@@ -420,10 +420,16 @@ def submit_sweep(plans: list[Plan], profile: Profile, sweep_dir: Path, name: str
     return out
 
 
-def cancel(entries: list[dict], run_dir: Path) -> list[str]:
+LOCAL_KILL_WAIT_S = 10.0  # like SLURM's KillWait: time to checkpoint on SIGTERM before the job is stopped harder
+
+
+def cancel(entries: list[dict], run_dir: Path, kill_wait_s: float = LOCAL_KILL_WAIT_S) -> list[str]:
     """Stop these jobs (run.json entries of jobs that are live); returns the ids actually signalled.
-    SLURM jobs get scancel. A local job's controller gets SIGTERM (it forwards it to the tasks) only
-    while it is the very process that was started: a PID alone may by now name another process."""
+    SLURM jobs get scancel (SIGTERM, then SIGKILL after the cluster's KillWait). A local job's
+    controller gets the same treatment, only while it is the very process that was started (a PID
+    alone may by now name another process): SIGTERM (forwarded to the tasks, which checkpoint), and
+    after ``kill_wait_s`` SIGINT (submitit then kills its tasks) and finally SIGKILL of its process
+    group. A task still starting up ignores SIGTERM (submitit's handler only logs it)."""
     import signal as _signal
 
     from tla_jobs.jobs.state import _folder_for, local_process_alive
@@ -435,12 +441,29 @@ def cancel(entries: list[dict], run_dir: Path) -> list[str]:
         if res is None or res.returncode != 0:
             raise TlaError(f"scancel failed: {res.stderr.strip() if res else 'scancel not found'}")
         stopped += slurm_ids
-    for e in entries:
-        if e.get("executor") != "local" or not local_process_alive(e, _folder_for(e, run_dir)):
-            continue
-        try:
-            os.kill(int(e["job_id"]), _signal.SIGTERM)
-            stopped.append(str(e["job_id"]))
-        except ProcessLookupError:
-            pass
+    local = [e for e in entries if e.get("executor") == "local" and local_process_alive(e, _folder_for(e, run_dir))]
+
+    def still(e):
+        return local_process_alive(e, _folder_for(e, run_dir))
+
+    def send(sig, group=False):
+        for e in local:
+            if still(e):
+                try:
+                    if group and os.getpgid(int(e["job_id"])) == int(e["job_id"]):
+                        os.killpg(int(e["job_id"]), sig)  # the controller leads its own session
+                    else:
+                        os.kill(int(e["job_id"]), sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    send(_signal.SIGTERM)
+    stopped += [str(e["job_id"]) for e in local]
+    for sig, wait in ((_signal.SIGINT, kill_wait_s), (_signal.SIGKILL, 5.0)):
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(still(e) for e in local):
+            time.sleep(0.2)
+        if not any(still(e) for e in local):
+            break
+        send(sig, group=sig == _signal.SIGKILL)
     return stopped
