@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -248,3 +249,42 @@ def test_a_job_refuses_to_start_past_max_requeue_preempt(tmp_path, seconds, limi
     else:
         assert proc.returncode == 0 and "goes on" in proc.stdout, proc.stdout + proc.stderr
         assert len(rows) == 4  # nothing written by the limit
+
+
+# ------------------------------------------------------------------ batch scripts and mount lists
+
+
+@pytest.mark.parametrize("profile", ["pyxis", "apptainer", "podman"])
+@pytest.mark.parametrize("sep", [",", ":"])
+def test_mount_list_separators_in_a_data_path_are_refused(env, digits, tmp_path, profile, sep):
+    data = tmp_path / f"imagenet{sep}v2"  # refused before the data is even looked at
+    dry = [] if (profile, sep) == ("pyxis", ",") else ["--dry-run"]  # a submission and dry runs alike
+    proc = tla(env, "submit", "train", "--name", "mnt", "--cluster", profile, "--model", "deit_tiny_patch16_224",
+               "--data-path", data, *dry)
+    assert_clean_error(proc, f"contains {sep}")
+    assert not (env["runs"] / "mnt").exists()
+
+
+def test_a_separator_in_a_data_path_is_fine_without_a_container(env, digits, tmp_path):
+    data = tmp_path / "imagenet,v2:x"
+    shutil.copytree(digits, data)
+    proc = tla(env, "submit", "train", "--name", "plain", "--cluster", "testslurm", *FAST, "--data-path", data,
+               "--dry-run")
+    assert "contains" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("where", ["runs-root", "data-path", "setup", "image"])
+def test_control_characters_never_reach_a_batch_script(env, digits, tmp_path, where):
+    prof = tmp_path / "p.yaml"
+    prof.write_text("executor: slurm\nslurm:\n  partition: debug\n")
+    e, data = dict(env), str(digits)
+    if where == "runs-root":
+        e["TLA_RUNS"] = str(tmp_path / "runs\n#SBATCH --wrap=x")
+    elif where == "data-path":
+        data = str(tmp_path / "d\ntouch x")
+    elif where == "setup":
+        prof.write_text("executor: slurm\nslurm:\n  setup:\n    - \"echo a\\rb\"\n")
+    else:
+        prof.write_text("executor: slurm\ncontainer:\n  runtime: pyxis\n  image: \"img\\nx\"\n")
+    proc = tla(e, "submit", "train", "--name", "cc", "--cluster", prof, *FAST, "--data-path", data, "--dry-run")
+    assert_clean_error(proc, "control character")

@@ -271,3 +271,23 @@ def test_down_puts_etc_hosts_and_etc_slurm_back_as_found(cluster: Cluster):
         if not had_slurm:
             shutil.rmtree("/etc/slurm", ignore_errors=True)
         subprocess.run(["bash", str(CLUSTER_SH), "up"], check=True, capture_output=True, timeout=300)
+
+
+def test_host_shell_requeue_stops_at_the_profile_limit(cluster: Cluster, tmp_path: Path):
+    """The batch-shell lines of the container runtimes (tla_jobs.jobs.containers) requeue a step that
+    stopped after its checkpoint (exit 75), at most max_requeue_timeout + max_requeue_preempt times;
+    here 1: the job runs twice, then fails instead of coming back forever."""
+    from tla_jobs.jobs.containers import host_requeue_setup
+
+    marker = tmp_path / "marker"
+    body = "\n".join(host_requeue_setup(1)) + f"""
+echo "start ${{SLURM_RESTART_COUNT:-0}}" >> {marker}
+srun bash -c 'exit 75'
+"""
+    job = cluster.sbatch(tmp_path, "-p", "debug", "-c", "1", "--requeue", _script(tmp_path / "hs.sh", body).as_posix())
+    cluster.wait_for("two runs and a final state", lambda: _marker_lines(marker) == ["start 0", "start 1"] and
+                     cluster.sacct(job)[-1][0] in ("FAILED", "COMPLETED", "CANCELLED"), 90)
+    states = [s for s, _ in cluster.sacct(job, duplicates=True)]
+    assert states == ["REQUEUED", "FAILED"], states
+    out = (tmp_path / f"{job}.out").read_text()
+    assert "requeueing" in out and "not requeueing" in out, out

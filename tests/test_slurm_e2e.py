@@ -5,17 +5,22 @@ dependency, cancel, failure, two-node DDP, accounting off, job arrays."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT, run_tla
+from conftest import FAST, ROOT, assert_clean_error, run_tla
 
 pytestmark = [pytest.mark.slurm]
 CLUSTER = ROOT / "tests" / "slurm_cluster" / "cluster.sh"
 PROFILES = ROOT / "tests" / "profiles"
+STATE = os.environ.get("TLA_SLURM_STATE", "/var/tmp/tla-slurm")
 
 
 def sh(*cmd, check=True, timeout=120) -> subprocess.CompletedProcess:
@@ -95,25 +100,58 @@ def test_submit_status_report_from_sacct(env, digits):
     assert report["best_acc1"] > 10 and report["state"] == "COMPLETED"
 
 
-def test_preemption_by_a_high_priority_job_requeues_and_resumes(env, digits):
-    job = submit(env, "pre", "--partition", "low", "--step-delay", "0.15", "--checkpoint-every-min", "0",
-                 digits=digits, epochs=2)
-    wait_step(env, "pre", 5)
-    # a job in the high-priority partition that needs every CPU of n1 preempts the training run
+@pytest.fixture
+def user_signal(request, cluster):
+    """The cluster as most sites run it (False: no preempt_send_user_signal, preempted tasks get
+    SIGTERM) or with SlurmctldParameters=preempt_send_user_signal (True: they get the job's USR2)."""
+    if request.param:
+        sh("bash", CLUSTER, "up", "--preempt-user-signal", timeout=300)
+    try:
+        yield request.param
+    finally:
+        if request.param:
+            sh("bash", CLUSTER, "up", timeout=300)
+
+
+def _sacct_states(job) -> list[str]:
+    out = sh("sacct", "-n", "-X", "-P", "-D", "-j", job, "-o", "State", check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("user_signal", [False, True], ids=["site-default", "preempt_send_user_signal"],
+                         indirect=True)
+def test_preemption_requeues_resumes_and_completes(env, digits, user_signal):
+    """Two runs on n1, one in a partition with GraceTime and one without; a job of the high-priority
+    partition takes every CPU of n1 and preempts both. Each must be requeued by SLURM, resume from
+    its checkpoint and complete, with its epochs in order."""
+    tag = "us" if user_signal else "site"
+    runs = {f"pre-{tag}-grace": "low", f"pre-{tag}-nograce": "lownograce"}
+    jobs = {name: submit(env, name, "--partition", part, "--step-delay", "0.15", "--checkpoint-every-min", "0",
+                         digits=digits, epochs=2) for name, part in runs.items()}
+    for name in runs:
+        wait_step(env, name, 5)
     hi = sh("sbatch", "--parsable", "-p", "high", "-N1", "-w", "n1", "-c", "4", "--wrap", "sleep 3").stdout.strip()
-    st = wait_state(env, "pre", {"COMPLETED", "FAILED"}, timeout=400)
-    assert st["state"] == "COMPLETED", st
-    ends = [a["end"] for a in st["attempts"]]
-    # the cluster sends the job's --signal (USR2) when it is picked for preemption, TERM at the end of GraceTime
-    assert ends[0]["reason"] in ("signal:SIGUSR2", "signal:SIGTERM"), ends
-    assert st["attempts"][1]["start"]["resumed_from"]["step"] == ends[0]["global_step"] > 0
-    assert all(a["start"]["job_id"] == job for a in st["attempts"])
-    assert metrics_epochs(env, "pre") == [0, 1]
-    states = [j["state"] for j in st["jobs"]]
-    assert "PREEMPTED" in states or "REQUEUED" in states, states
-    detail = tla(env, "status", "pre", check=True).stdout
-    assert ends[0]["reason"] in detail
-    sh("scancel", hi, check=False)
+    try:
+        for name, part in runs.items():
+            st = wait_state(env, name, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400)
+            assert st["state"] == "COMPLETED", (name, st["state"], st["attempts"], st["jobs"])
+            first, second = st["attempts"][0], st["attempts"][1]
+            reason = first["end"]["reason"]
+            if not user_signal:  # most sites: SIGTERM at preemption; the trainer checkpoints and waits
+                assert reason == "signal:SIGTERM", (name, reason)
+            elif part == "low":  # the job's own signal at preemption, submitit requeues
+                assert reason == "signal:SIGUSR2", (name, reason)
+            else:
+                assert reason in ("signal:SIGTERM", "signal:SIGUSR2"), (name, reason)
+            assert second["start"]["resumed_from"]["step"] == first["end"]["global_step"] > 0
+            assert second["start"]["restart_count"] >= 1 and second["start"]["job_id"] == jobs[name]
+            assert metrics_epochs(env, name) == [0, 1]
+            assert not any("killed" in str(a["outcome"]) for a in st["attempts"]), st["attempts"]
+            states = _sacct_states(jobs[name])
+            assert "PREEMPTED" in states or "REQUEUED" in states, states
+            assert states[-1] == "COMPLETED", states
+    finally:
+        sh("scancel", hi, *jobs.values(), check=False)
 
 
 @pytest.mark.parametrize("how", ["scontrol-requeue", "usr2"])
@@ -244,6 +282,203 @@ def test_without_accounting_status_uses_squeue_and_heartbeat(env, digits):
         st = status(env, "na")
         assert st["state"] == "RUNNING" and st["source"].startswith("squeue"), st
         done = wait_state(env, "na", {"COMPLETED", "FAILED", "UNKNOWN"}, timeout=300)
-        assert done["state"] == "COMPLETED" and done["source"] == "squeue+heartbeat", done
+        # the job has left squeue: the trainer's own end record settles it
+        assert done["state"] == "COMPLETED" and done["source"] == "squeue+attempts", done
     finally:
         sh("bash", CLUSTER, "up", timeout=300)
+
+
+def _pid_of_rank(job: str, rank: int) -> int | None:
+    """The trainer process of one rank of a job (by its SLURM environment)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            if b"submitit.core._submit" not in cmd:
+                continue
+            environ = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"SLURM_JOB_ID={job}".encode() in environ and f"SLURM_PROCID={rank}".encode() in environ:
+            return int(d.name)
+    return None
+
+
+def test_a_dead_rank_fails_a_two_node_job_at_once(env, digits):
+    """srun --kill-on-bad-exit: when one rank dies the step is killed, instead of the other rank
+    waiting in a collective until the rendezvous/gloo timeout (30 minutes) while status says RUNNING."""
+    job = submit(env, "deadrank", "--nodes", "2", "--step-delay", "0.2", "--checkpoint-every-min", "0",
+                  digits=digits, epochs=5)
+    wait_step(env, "deadrank", 3)
+    pid = _pid_of_rank(job, 1)
+    assert pid, "rank 1 not found"
+    os.kill(pid, signal.SIGKILL)
+    st = wait_state(env, "deadrank", {"FAILED", "CANCELLED", "COMPLETED", "NODE_FAIL"}, timeout=150)
+    assert st["state"] == "FAILED", st
+    deadline = time.time() + 60
+    while time.time() < deadline and sh("squeue", "-h", "-j", job, check=False).stdout.strip():
+        time.sleep(1)
+    assert _pid_of_rank(job, 0) is None  # nothing of the job is left waiting
+
+
+def test_status_says_waiting_for_ranks(env, tmp_path):
+    """Rank 0's heartbeat while the process group forms: status says so (a real running job, a real
+    run directory)."""
+    job = sh("sbatch", "--parsable", "-p", "debug", "-c", "1", "--wrap", "sleep 120").stdout.strip()
+    try:
+        run = env["runs"] / "waiting"
+        run.mkdir(parents=True)
+        now = time.time()
+        (run / "run.json").write_text(json.dumps({
+            "name": "waiting", "created": now, "kind": "train", "spec": {"epochs": 2, "model": "tla_vit_nano"},
+            "profile": {"executor": "slurm"}, "submissions": [
+                {"job_id": job, "executor": "slurm", "submitted": now, "reason": "submit", "nodes": 2,
+                 "gpus_per_node": 0}], "evals": []}))
+        (run / "heartbeat.json").write_text(json.dumps({"phase": "waiting for ranks", "world_size": 2, "time": now,
+                                                       "job_id": job, "host": "n1", "pid": 1}))
+        deadline = time.time() + 60
+        while time.time() < deadline and status(env, "waiting")["state"] != "RUNNING":
+            time.sleep(0.5)
+        st = status(env, "waiting")
+        assert st["state"] == "RUNNING" and st["waiting_for_ranks"], st
+        assert "waiting for ranks" in st["last_event"] and "2 expected" in st["last_event"]
+        assert "RUNNING (waiting for ranks)" in tla(env, "status", check=True).stdout
+        assert "is waiting for ranks: 2 expected" in tla(env, "status", "waiting", check=True).stdout
+        # once training runs, it says so no more
+        (run / "heartbeat.json").write_text(json.dumps({"phase": "training", "time": time.time(), "job_id": job}))
+        assert not status(env, "waiting")["waiting_for_ranks"]
+    finally:
+        sh("scancel", job, check=False)
+
+
+def _slurmd_pid(node: str) -> int:
+    return int((Path(STATE) / "run" / f"slurmd-{node}.pid").read_text().strip())
+
+
+def test_node_failure_requeues_on_the_other_node_and_fences_the_old_attempt(env, digits):
+    """The slurmd of the job's node dies (its trainer keeps running, as on a real node whose daemon
+    crashed) and the node is marked DOWN: SLURM requeues the job on the other node. The old attempt
+    must stop writing and exit once the new one owns the run; status pairs each attempt with the
+    restart that ran it and calls the old one superseded, not killed."""
+    job = submit(env, "nodefail", "--step-delay", "0.15", "--checkpoint-every-min", "0", digits=digits, epochs=3)
+    wait_step(env, "nodefail", 5)
+    node = sh("squeue", "-h", "-j", job, "-o", "%N").stdout.strip()
+    assert node in ("n1", "n2"), node
+    old_pid = _pid_of_rank(job, 0)
+    assert old_pid
+    try:
+        os.kill(_slurmd_pid(node), signal.SIGKILL)
+        sh("scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=tla-test-node-failure")
+        st = wait_state(env, "nodefail", {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400)
+    finally:
+        sh("bash", CLUSTER, "up", timeout=300)  # the node's slurmd back, the node resumed
+    assert st["state"] == "COMPLETED", (st["attempts"], st["jobs"])
+    rows = [json.loads(x) for x in (env["runs"] / "nodefail" / "attempts.jsonl").read_text().splitlines()]
+    assert [r["reason"] for r in rows if r["event"] == "end"].count("completed") == 1, rows
+    assert metrics_epochs(env, "nodefail") == [0, 1, 2]
+    first, last = st["attempts"][0], st["attempts"][-1]
+    assert first["start"]["restart_count"] == 0 and last["start"]["restart_count"] >= 1
+    assert first["start"]["attempt_id"] != last["start"]["attempt_id"]
+    assert "superseded" in first["outcome"] and "killed" not in first["outcome"], first["outcome"]
+    assert last["outcome"] == "completed"
+    owner = json.loads((env["runs"] / "nodefail" / "owner.json").read_text())
+    assert owner["attempt_id"] == last["start"]["attempt_id"]
+    deadline = time.time() + 120  # the old trainer stops at its next write
+    while time.time() < deadline and Path(f"/proc/{old_pid}").exists():
+        time.sleep(1)
+    assert not Path(f"/proc/{old_pid}").exists() or b"submitit" not in Path(f"/proc/{old_pid}/cmdline").read_bytes()
+    detail = tla(env, "status", "nodefail", check=True).stdout
+    assert "superseded" in detail and "killed" not in detail
+
+
+def _stop_dbd() -> None:
+    pid = int((Path(STATE) / "run" / "slurmdbd.pid").read_text().strip())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + 30
+    while time.time() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.2)
+
+
+def test_state_precedence_across_a_slurmdbd_restart(env, digits):
+    """With slurmdbd down, status falls back to squeue (with elapsed time); a run that completed is
+    COMPLETED and one stopped with a bare scancel is CANCELLED, also once squeue forgot it. When
+    slurmdbd comes back, sacct's stale records never make a finished run look RUNNING."""
+    done_job = submit(env, "prec-done", "--step-delay", "0.1", digits=digits, epochs=1)
+    gone_job = submit(env, "prec-gone", "--step-delay", "0.2", digits=digits, epochs=20)
+    wait_step(env, "prec-done", 2)
+    wait_step(env, "prec-gone", 2)
+    try:
+        _stop_dbd()
+        st = status(env, "prec-gone")
+        assert st["state"] == "RUNNING" and st["source"].startswith("squeue"), st
+        assert [j["elapsed_s"] for j in st["jobs"]][-1] > 0, st["jobs"]  # time used, from squeue
+        sh("scancel", gone_job)
+        seen = {"prec-done": [], "prec-gone": []}
+        deadline = time.time() + 90  # until squeue has forgotten both (MinJobAge 30 s)
+        while time.time() < deadline:
+            for run in seen:
+                seen[run].append(status(env, run)["state"])
+            if not sh("squeue", "-h", "-j", f"{done_job},{gone_job}", check=False).stdout.strip() \
+                    and seen["prec-done"][-1] == "COMPLETED":
+                break
+            time.sleep(1)
+        assert seen["prec-done"][-1] == "COMPLETED", seen
+        assert seen["prec-gone"][-1] == "CANCELLED", seen
+        assert status(env, "prec-done")["gpu_hours"] == 0.0  # CPU jobs; the figure is computed, not missing
+    finally:
+        sh("bash", CLUSTER, "up", timeout=300)
+    # slurmdbd back: slurmctld replays what it queued; status never goes back to RUNNING
+    after = {"prec-done": [], "prec-gone": []}
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        for run in after:
+            after[run].append(status(env, run)["state"])
+        time.sleep(1)
+    assert set(after["prec-done"]) == {"COMPLETED"}, after
+    assert set(after["prec-gone"]) == {"CANCELLED"}, after
+
+
+def test_hostile_values_reach_no_shell_and_control_characters_are_refused(env, digits, tmp_path):
+    """Values with shell syntax in them go into the batch script as data: the job runs on the real
+    cluster and nothing in them is executed. A control character (a newline that would start a new
+    script line) is refused before anything is queued. With setup lines that activate an
+    environment, the job runs `python` of that environment (and the dry run says so)."""
+    marker = tmp_path / "pwned"
+    data = tmp_path / f"data $(touch {marker}) `touch {marker}`;&"
+    shutil.copytree(digits, data)
+    venv = Path(sys.executable).parent
+    profile = tmp_path / "hostile.yaml"
+    profile.write_text(
+        "executor: slurm\n"
+        "slurm:\n  partition: debug\n  time_min: 15\n"
+        f"  additional_parameters:\n    comment: 'x ; touch {marker} ; echo $(touch {marker}) `touch {marker}`'\n"
+        f"  setup:\n    - 'source {venv}/activate'\n")
+    dry = tla(env, "submit", "train", "--name", "hostile", "--cluster", profile, *FAST, "--data-path", data,
+              "--epochs", "1", "--max-steps", "3", "--dry-run", check=True).stdout
+    assert "python on the nodes: python (python on PATH after the profile's setup lines" in dry
+    assert " python -u -m submitit.core._submit" in dry and sys.executable not in dry
+    submit(env, "hostile", digits=data, epochs=1, cluster=str(profile))
+    st = wait_state(env, "hostile", {"COMPLETED", "FAILED"}, timeout=300)
+    assert st["state"] == "COMPLETED", tla(env, "logs", "hostile").stdout[-2000:]
+    assert not marker.exists()
+
+    queued = sh("squeue", "-h", "-o", "%i").stdout.split()
+    bad_profile = tmp_path / "newline.yaml"
+    for args, fragment in [
+        (["--partition", f"debug\ntouch {marker}"], "--partition contains a control character"),
+        (["--cluster", bad_profile], "additional_parameters.comment contains a control character"),
+        (["--cluster", tmp_path / "quote.yaml"], "additional_parameters.comment contains a double quote"),
+        (["--partition", "debug --wrap=x"], "not a SLURM name"),
+    ]:
+        bad_profile.write_text("executor: slurm\nslurm:\n  additional_parameters:\n"
+                               f"    comment: \"x\\ntouch {marker}\"\n")
+        (tmp_path / "quote.yaml").write_text("executor: slurm\nslurm:\n  additional_parameters:\n"
+                                             f"    comment: 'x\" ; touch {marker} ; echo \"'\n")
+        cluster = [] if "--cluster" in args else ["--cluster", "testslurm"]
+        for dry_run in ([], ["--dry-run"]):
+            proc = tla(env, "submit", "train", "--name", "nl", *cluster, *args, *FAST, "--data-path", digits,
+                       "--epochs", "1", *dry_run)
+            assert_clean_error(proc, fragment)
+    assert not (env["runs"] / "nl").exists() and not marker.exists()
+    assert sh("squeue", "-h", "-o", "%i").stdout.split() == queued

@@ -80,11 +80,17 @@ def check_script_values(profile: Profile, paths: list[str], name: str = "") -> N
     _no_control(name, "the run name")
     for key in ("partition", "account", "qos", "constraint", "exclude", "python"):
         flag = "--partition" if key == "partition" else f"profile slurm.{key}"
-        _no_control(getattr(s, key, None), flag)
+        value = getattr(s, key, None)
+        _no_control(value, flag)
+        if key != "python" and isinstance(value, str) and re.search(r"[\s\"']", value):
+            raise TlaError(f"{flag} {value!r} contains a space or a quote: not a SLURM name")
     for key, value in s.additional_parameters.items():
         if not _SBATCH_KEY.fullmatch(str(key)):
             raise TlaError(f"profile slurm.additional_parameters: {key!r} is not an sbatch option name")
         _no_control(value, f"profile slurm.additional_parameters.{key}")
+        if isinstance(value, str) and '"' in value:
+            raise TlaError(f"profile slurm.additional_parameters.{key} contains a double quote, which an #SBATCH "
+                           "line cannot carry")
     for i, line in enumerate(s.setup):
         _no_control(line, f"profile slurm.setup[{i}] (one shell line per entry)")
     for key in ("image", "workdir", "python"):
@@ -138,7 +144,9 @@ def make_executor(profile: Profile, folder: Path, name: str, run_dir: Path, data
     python = containers.step_python(c, mount_list) if c.runtime != "none" else node_python(profile)[0]
     kwargs = {"slurm_max_num_timeout": s.max_requeue_timeout, "slurm_python": python}
     ex = submitit.AutoExecutor(folder=folder, cluster="slurm", **kwargs)
-    extra = {"requeue": True, **s.additional_parameters}
+    # sbatch reads "#SBATCH --key=value" with its own quoting: a value with spaces goes in double quotes
+    extra = {"requeue": True, **{k: f'"{v}"' if isinstance(v, str) and re.search(r"\s", v) else v
+                                 for k, v in s.additional_parameters.items()}}
     setup = list(s.setup)
     if c.runtime != "none":
         extra["signal"] = f"B:USR2@{s.signal_delay_s}"
@@ -203,6 +211,9 @@ def preflight(plan: Plan) -> list[Check]:
     """Checks that need no job: the model exists, the data is there, the cluster answers."""
     from tla_jobs.data.folders import check_image_folder
 
+    # first: a value that would break the batch script is refused outright, not reported as a check
+    check_script_values(plan.profile, [str(plan.run_dir.parent), *(s.get("data_path", "") for s in plan.specs)],
+                        plan.name)
     checks: list[Check] = []
     seen_data = set()
     for spec in plan.specs:
