@@ -1,0 +1,227 @@
+"""The GPU benchmark: every speed figure of docs/benchmarks.md's GPU section, in one run of a few minutes.
+
+  1. TL-Align train step against plain token-grid CutMix: deit_tiny/small/base, batch 256, bf16
+     (arms of bench_align.py: plain, second, fused, explicit, reference).
+  2. `tla train` against a bare loop (bench_trainer.py) in steady state: deit_small at 224 on
+     Fashion-MNIST, batch 256, DeiT's augmentation, as many loader workers as the machine has cores.
+  3. Eager against --compile, and 4. --dataset synthetic throughput (images/s, TFLOP/s, MFU per
+     GPU) through `tla train`.
+  5. How far TL-Align's weights under bf16 autocast are from a float64 run of the checkpoint of 2.
+
+Runs from a plain checkout (no install): python benchmarks/bench_gpu.py
+On a GPU machine without network whose Python has torch, timm and typer but not pydantic, submitit,
+etc., bring their wheels along and name the folder (how: docs/benchmarks.md):
+    python benchmarks/bench_gpu.py --wheels .gpu/whl --fmnist .gpu/fmnist
+Prints one table and, unless --no-record, appends a dated section to docs/benchmarks.md.
+--quick runs every section at toy sizes (a check of the script itself, also on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NEEDED = ("pydantic", "submitit", "typer", "rich", "yaml", "timm")
+
+
+def bootstrap(wheels: str | None) -> None:
+    """Make tla_jobs importable here and in subprocesses, installing missing wheels from ``wheels``."""
+    paths = [str(ROOT), str(ROOT / "benchmarks")]
+    missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
+    if missing:
+        if not wheels or not Path(wheels).is_dir():
+            raise SystemExit(f"missing Python packages {', '.join(missing)}: install them, or pass --wheels DIR "
+                             "with their wheels (docs/benchmarks.md says how to collect them)")
+        site = Path(tempfile.gettempdir()) / "tla-bench-site"
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
+                        str(site), *map(str, Path(wheels).glob("*.whl"))], check=True)
+        paths.append(str(site))
+    sys.path[:0] = paths
+    os.environ["PYTHONPATH"] = os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+
+
+def section_align(args, rows: list) -> None:
+    import bench_align
+
+    arms = ["plain", "second", "fused", "explicit", "reference"]
+    for name in args.align_models:
+        t0 = time.perf_counter()
+        t = bench_align.bench_model(name, arms, args.align_batch, args.align_steps, args.device, amp=True)
+        cells = {a: f"{t[a] * 1000:.1f} ms ({t[a] / t['plain']:.3f}x)" for a in arms}
+        rows.append(("align step", f"{name}, batch {args.align_batch}, bf16", cells))
+        print(f"[align] {name}: {cells} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def section_trainer(args, rows: list, out: Path) -> Path | None:
+    import bench_trainer
+    import torch
+
+    from tla_jobs.data.prepare import prepare
+
+    try:
+        prepare("fashion-mnist", args.data, limit=args.limit)
+    except Exception as exc:  # no Fashion-MNIST on this machine: say so and go on
+        print(f"[trainer] skipped: {exc}", flush=True)
+        rows.append(("trainer vs bare loop", "skipped", {"why": str(exc)[:80]}))
+        return None
+    ns = argparse.Namespace(data=args.data, model=args.trainer_model, img_size=args.img_size, batch=args.batch,
+                            workers=args.workers, epochs=2, aa=args.aa, reprob=0.25, crop_scale=0.08)
+    t0 = time.perf_counter()
+    bare = bench_trainer.bare(ns, torch.device(args.device))
+    row = bench_trainer.trainer(ns, keep=out)
+    tla = row["images_per_s_steady"]
+    cells = {"bare loop": f"{bare:.0f} img/s", "tla train": f"{tla:.0f} img/s", "ratio": f"{tla / bare:.3f}x",
+             "tla train, whole epoch": f"{row['images_per_s']:.0f} img/s"}
+    rows.append(("trainer vs bare loop", f"{args.trainer_model}, batch {args.batch}, {args.workers} workers, "
+                 f"aa {args.aa}, steady state", cells))
+    print(f"[trainer] {cells} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return out
+
+
+def _synthetic(args, model: str, extra=(), images=None) -> dict:
+    import bench_trainer
+
+    ns = argparse.Namespace(data="-", model=model, img_size=args.img_size, batch=args.batch, workers=0,
+                            epochs=2, aa="none", reprob=0.25, crop_scale=0.08)
+    n = images or args.synthetic_images
+    return bench_trainer.trainer(ns, ("--dataset", "synthetic", "--num-classes", "1000", "--synthetic-images",
+                                      str(n), *extra))
+
+
+def section_compile(args, rows: list) -> None:
+    t0 = time.perf_counter()
+    eager = _synthetic(args, args.trainer_model)
+    compiled = _synthetic(args, args.trainer_model, ("--compile",))
+    e, c = eager["images_per_s_steady"], compiled["images_per_s_steady"]
+    cells = {"eager": f"{e:.0f} img/s", "--compile": f"{c:.0f} img/s", "speed-up": f"{c / e:.3f}x",
+             "first epoch (compiling)": f"{compiled['epoch_s']:.0f} s" if "epoch_s" in compiled else "?"}
+    rows.append(("eager vs --compile", f"{args.trainer_model}, synthetic, batch {args.batch}", cells))
+    print(f"[compile] {cells} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def section_synthetic(args, rows: list) -> None:
+    for model in args.align_models:
+        t0 = time.perf_counter()
+        r = _synthetic(args, model)
+        cells = {"img/s per GPU": f"{r['images_per_s_per_device']:.0f}",
+                 "steady img/s": f"{r['images_per_s_steady']:.0f}",
+                 "TFLOP/s per GPU": f"{r.get('tflops_per_device', 0):.1f}",
+                 "MFU": f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"}
+        rows.append(("synthetic data, tla train", f"{model}, batch {args.batch}, bf16", cells))
+        print(f"[synthetic] {model}: {cells} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def section_precision(args, rows: list, run: Path | None) -> None:
+    import torch
+
+    from tla_jobs.align import aligned_forward, token_cutmix
+    from tla_jobs.data.device import DeviceTransform
+    from tla_jobs.data.loaders import eval_loader
+    from tla_jobs.train import checkpoint as ckpt
+    from tla_jobs.train.config import TrainConfig
+    from tla_jobs.train.models import build_model, model_input_size, model_patch_size
+
+    if run is None or not (run / ckpt.LAST).exists():
+        rows.append(("bf16 vs float64 weights", "skipped", {"why": "no trained checkpoint"}))
+        return
+    payload, _ = ckpt.load(run / ckpt.LAST)
+    dev = torch.device(args.device)
+    model = build_model(payload["model_name"], payload["num_classes"], 0.0, args.img_size)
+    model.load_state_dict(payload["model"])
+    model.to(dev).eval()
+    size, patch = model_input_size(model), model_patch_size(model)
+    cfg = TrainConfig(model=payload["model_name"], batch_size=args.batch, workers=min(args.workers, 4))
+    _, loader = eval_loader(cfg, Path(args.data), size, 0, 1)
+    from timm.data import resolve_model_data_config
+
+    dc = resolve_model_data_config(model)
+    transform = DeviceTransform(dev, dc["mean"], dc["std"])
+    diffs, shifts, n = [], [], 0
+    with torch.no_grad():
+        for i, (images, _) in enumerate(loader):
+            if i >= 4:
+                break
+            x = transform(images)
+            mix = token_cutmix(x, patch, mode="elem", generator=torch.Generator().manual_seed(i))
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                _, w16 = aligned_forward(model, mix.images, mix.patch_weights)
+            _, w64 = aligned_forward(model.double(), mix.images.double(), mix.patch_weights.double(),
+                                     path="explicit")
+            model.float()
+            diffs.append((w16.double() - w64).abs())
+            shifts.append((w64 - mix.patch_weights.double().mean(1)).abs())
+            n += len(w16)
+    d, s = torch.cat(diffs), torch.cat(shifts)
+    cells = {"max |w_bf16 - w_fp64|": f"{d.max():.2e}", "mean": f"{d.mean():.2e}",
+             "mean |w - λ| (fp64)": f"{s.mean():.2e}", "images": str(n)}
+    rows.append(("bf16 vs float64 weights", f"{payload['model_name']}, trained checkpoint, epoch "
+                 f"{payload['epoch']}, mixed val images", cells))
+    print(f"[precision] {cells}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--wheels", default=str(ROOT / ".gpu" / "whl"), help="wheels of missing packages")
+    p.add_argument("--fmnist", default=None, help="folder with Fashion-MNIST's *-ubyte.gz (TLA_FMNIST_DIR)")
+    p.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "tla-bench-fmnist"))
+    p.add_argument("--limit", type=int, default=2000, help="Fashion-MNIST images per class")
+    p.add_argument("--sections", nargs="+", default=["align", "trainer", "compile", "synthetic", "precision"])
+    p.add_argument("--quick", action="store_true", help="toy sizes: checks the script, measures nothing")
+    p.add_argument("--no-record", action="store_true", help="do not append to docs/benchmarks.md")
+    args = p.parse_args()
+    if args.fmnist:
+        os.environ["TLA_FMNIST_DIR"] = str(Path(args.fmnist).resolve())
+    bootstrap(args.wheels)
+    import timm
+    import torch
+
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.quick:
+        args.align_models, args.align_batch, args.align_steps = ["tla_vit_nano"], 8, 2
+        args.trainer_model, args.img_size, args.batch, args.workers = "tla_vit_nano", None, 32, 1
+        args.aa, args.synthetic_images, args.limit = "none", 256, 60
+    else:
+        args.align_models = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
+        args.align_batch, args.align_steps = 256, 10
+        args.trainer_model, args.img_size, args.batch = "deit_small_patch16_224", None, 256
+        args.workers, args.aa, args.synthetic_images = max(1, cores - 1), "rand-m9-mstd0.5-inc1", 256 * 30
+    start = time.perf_counter()
+    rows: list = []
+    with tempfile.TemporaryDirectory() as tmp:
+        run = None
+        for section in args.sections:
+            if section == "align":
+                section_align(args, rows)
+            elif section == "trainer":
+                run = section_trainer(args, rows, Path(tmp) / "run")
+            elif section == "compile":
+                section_compile(args, rows)
+            elif section == "synthetic":
+                section_synthetic(args, rows)
+            elif section == "precision":
+                section_precision(args, rows, run)
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    head = (f"\n### GPU benchmark, {datetime.date.today()}: {gpu}, {cores} CPU cores, torch {torch.__version__}, "
+            f"timm {timm.__version__}{' (--quick: toy sizes, not figures)' if args.quick else ''}\n\n"
+            f"`python benchmarks/bench_gpu.py` ({time.perf_counter() - start:.0f} s)\n")
+    lines = [head, "| what | setting | figures |", "|---|---|---|"]
+    for what, setting, cells in rows:
+        lines.append(f"| {what} | {setting} | " + "; ".join(f"{k}: {v}" for k, v in cells.items()) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    if not args.no_record:
+        with (ROOT / "docs" / "benchmarks.md").open("a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
