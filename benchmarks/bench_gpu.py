@@ -199,16 +199,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = None
         for section in args.sections:
-            if section == "align":
-                section_align(args, rows)
-            elif section == "trainer":
-                run = section_trainer(args, rows, Path(tmp) / "run")
-            elif section == "compile":
-                section_compile(args, rows)
-            elif section == "synthetic":
-                section_synthetic(args, rows)
-            elif section == "precision":
-                section_precision(args, rows, run)
+            try:  # one section failing (a missing compiler for --compile, say) leaves the others' figures
+                if section == "align":
+                    section_align(args, rows)
+                elif section == "trainer":
+                    run = section_trainer(args, rows, Path(tmp) / "run")
+                elif section == "compile":
+                    section_compile(args, rows)
+                elif section == "synthetic":
+                    section_synthetic(args, rows)
+                elif section == "precision":
+                    section_precision(args, rows, run)
+            except (Exception, SystemExit) as exc:
+                print(f"[{section}] FAILED: {exc}", flush=True)
+                rows.append((section, "failed", {"error": " ".join(str(exc).split())[-300:]}))
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     head = (f"\n### GPU benchmark, {datetime.date.today()}: {gpu}, {cores} CPU cores, torch {torch.__version__}, "
             f"timm {timm.__version__}{' (--quick: toy sizes, not figures)' if args.quick else ''}\n\n"

@@ -64,7 +64,10 @@ class DeviceTransform:
         top = (torch.rand(b, generator=gen) * (h - bh + 1)).long()
         left = (torch.rand(b, generator=gen) * (w - bw + 1)).long()
         top, bh = torch.where(erase, top, 0), torch.where(erase, bh, 0)  # bh = 0: nothing erased
-        box = torch.stack([top, top + bh, left, left + bw], dim=1).to(self.device, non_blocking=True)
+        box = torch.stack([top, top + bh, left, left + bw], dim=1)
+        if self.device.type == "cuda":  # a copy from pageable memory could wait for the GPU's queue
+            box = box.pin_memory()
+        box = box.to(self.device, non_blocking=True)
         ys = torch.arange(h, device=self.device).view(1, h, 1)
         xs = torch.arange(w, device=self.device).view(1, 1, w)
         inside = ((ys >= box[:, 0, None, None]) & (ys < box[:, 1, None, None])
