@@ -361,7 +361,7 @@ def test_node_failure_requeues_on_the_other_node_and_fences_the_old_attempt(env,
     crashed) and the node is marked DOWN: SLURM requeues the job on the other node. The old attempt
     must stop writing and exit once the new one owns the run; status pairs each attempt with the
     restart that ran it and calls the old one superseded, not killed."""
-    job = submit(env, "nodefail", "--step-delay", "0.15", "--checkpoint-every-min", "0", digits=digits, epochs=3)
+    job = submit(env, "nodefail", "--step-delay", "0.1", "--checkpoint-every-min", "0", digits=digits, epochs=2)
     wait_step(env, "nodefail", 5)
     node = sh("squeue", "-h", "-j", job, "-o", "%N").stdout.strip()
     assert node in ("n1", "n2"), node
@@ -376,7 +376,7 @@ def test_node_failure_requeues_on_the_other_node_and_fences_the_old_attempt(env,
     assert st["state"] == "COMPLETED", (st["attempts"], st["jobs"])
     rows = [json.loads(x) for x in (env["runs"] / "nodefail" / "attempts.jsonl").read_text().splitlines()]
     assert [r["reason"] for r in rows if r["event"] == "end"].count("completed") == 1, rows
-    assert metrics_epochs(env, "nodefail") == [0, 1, 2]
+    assert metrics_epochs(env, "nodefail") == [0, 1]
     first, last = st["attempts"][0], st["attempts"][-1]
     assert first["start"]["restart_count"] == 0 and last["start"]["restart_count"] >= 1
     assert first["start"]["attempt_id"] != last["start"]["attempt_id"]
@@ -456,6 +456,7 @@ def test_hostile_values_reach_no_shell_and_control_characters_are_refused(env, d
         f"  setup:\n    - 'source {venv}/activate'\n")
     dry = tla(env, "submit", "train", "--name", "hostile", "--cluster", profile, *FAST, "--data-path", data,
               "--epochs", "1", "--max-steps", "3", "--dry-run", check=True).stdout
+    dry = " ".join(dry.split())  # rich wraps long lines at 80 columns in a pipe
     assert "python on the nodes: python (python on PATH after the profile's setup lines" in dry
     assert " python -u -m submitit.core._submit" in dry and sys.executable not in dry
     submit(env, "hostile", digits=data, epochs=1, cluster=str(profile))
