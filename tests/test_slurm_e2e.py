@@ -482,4 +482,4 @@ def test_hostile_values_reach_no_shell_and_control_characters_are_refused(env, d
                        "--epochs", "1", *dry_run)
             assert_clean_error(proc, fragment)
     assert not (env["runs"] / "nl").exists() and not marker.exists()
-    assert sh("squeue", "-h", "-o", "%i").stdout.split() == queued
+    assert set(sh("squeue", "-h", "-o", "%i").stdout.split()) <= set(queued)  # nothing new was queued

@@ -85,6 +85,7 @@ def query_slurm(job_ids: list[str]) -> SchedulerView:
             state = f[1].split()[0] if f[1] else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
             rec = JobRecord(f[0], state, "sacct", f[2], f[3], f[4], _elapsed(f[5]), _gpus(f[6]), f[7], f[8])
             view.jobs.setdefault(f[0], []).append(rec)
+        _check_live_against_squeue(view, [j for j in job_ids if j not in view.jobs])
         return view
     # No accounting (or slurmdbd down): squeue knows live jobs, and finished ones for MinJobAge.
     queue = _run(["squeue", "-h", "--states=all", "-j", ",".join(base_ids), "-o", "%i|%T|%r|%N|%M|%D|%b|%S"])
@@ -100,6 +101,36 @@ def query_slurm(job_ids: list[str]) -> SchedulerView:
                                 start=f[7] if len(f) > 7 else "")
                 view.jobs.setdefault(f[0], []).append(rec)
     return view
+
+
+def _check_live_against_squeue(view: SchedulerView, missing: list[str]) -> None:
+    """sacct can be stale (slurmdbd restarted, slurmctld still replaying): a job it calls live but
+    that slurmctld (squeue) no longer has, or has as finished, is not live; a job it does not have
+    yet (just submitted, slurmdbd behind) is taken from squeue. One squeue call, only when needed;
+    nothing changes when squeue does not answer."""
+    live = [job for job, recs in view.jobs.items() if recs[-1].state in ACTIVE]
+    if not live and not missing:
+        return
+    queue = _run(["squeue", "-h", "--states=all", "-j", ",".join(sorted({j.split("_")[0] for j in live + missing})),
+                  "-o", "%i|%T|%r|%N|%M"])
+    if queue is None or queue.returncode != 0:
+        return
+    now = {}
+    for line in queue.stdout.splitlines():
+        f = line.strip().split("|")
+        if len(f) == 5:
+            now[f[0]] = f
+    for job in live:
+        last = view.jobs[job][-1]
+        f = now.get(job)
+        if f is None:
+            last.state, last.reason = "UNKNOWN", "sacct said live, slurmctld no longer has the job"
+        elif f[1] not in ACTIVE:
+            last.state = f[1]
+    for job in missing:
+        f = now.get(job)
+        if f is not None:
+            view.jobs[job] = [JobRecord(job, f[1], "squeue", reason=f[2], nodes=f[3], elapsed_s=squeue_elapsed(f[4]))]
 
 
 def _int(text: str) -> int:
