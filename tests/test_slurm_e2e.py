@@ -147,6 +147,9 @@ def test_preemption_requeues_resumes_and_completes(env, digits, user_signal):
             assert second["start"]["restart_count"] >= 1 and second["start"]["job_id"] == jobs[name]
             assert metrics_epochs(env, name) == [0, 1]
             assert not any("killed" in str(a["outcome"]) for a in st["attempts"]), st["attempts"]
+            deadline = time.time() + 60  # the trainer's record settles it first; sacct follows
+            while time.time() < deadline and _sacct_states(jobs[name])[-1:] != ["COMPLETED"]:
+                time.sleep(1)
             states = _sacct_states(jobs[name])
             assert "PREEMPTED" in states or "REQUEUED" in states, states
             assert states[-1] == "COMPLETED", states
