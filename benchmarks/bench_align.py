@@ -90,9 +90,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     p.add_argument("--record", action="store_true", help="append the table to docs/benchmarks.md")
+    p.add_argument("--arms", nargs="+", default=["plain", "second", "fused", "explicit", "reference"])
     args = p.parse_args()
     arms = args.arms
-    p.add_argument("--arms", nargs="+", default=["plain", "second", "fused", "explicit", "reference"])
     rows = []
     for name in args.models:
         t = bench_model(name, arms, args.batch, args.steps, args.device, args.amp)

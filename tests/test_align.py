@@ -301,3 +301,25 @@ def test_wrong_patch_count_is_explained():
     model, patch, size = make("deit")
     with pytest.raises(ValueError, match="patch size"):
         aligned_forward(model, batch(size), torch.ones(4, 5))
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_second_path_with_gpu_padding_equals_explicit(kind, monkeypatch):
+    """On CUDA the second path pads labels to 8 channels once, before the first block; the CPU does
+    not pad, so the padded walk is forced here to check it on the CPU too."""
+    import tla_jobs.align.attention as attention
+    import tla_jobs.align.models as models
+
+    def padded(k, device):
+        return -(-k // 8) * 8
+
+    monkeypatch.setattr(attention, "label_channels", padded)
+    monkeypatch.setattr(models, "label_channels", padded)
+    model, mix = mixed(kind, torch.float64, mode="elem")
+    _, ws = aligned_forward(model, mix.images, mix.patch_weights.double(), path="second")
+    _, we = aligned_forward(model, mix.images, mix.patch_weights.double(), path="explicit")
+    assert ws.shape == we.shape and (ws - we).abs().max().item() < 1e-10
+    labels = torch.rand(4, mix.patch_weights.shape[1], 3, dtype=torch.float64)
+    _, ls = propagate_labels(model, mix.images, labels, path="second")
+    _, le = propagate_labels(model, mix.images, labels, path="explicit")
+    assert ls.shape == le.shape and ls.shape[-1] == 3 and (ls - le).abs().max().item() < 1e-10

@@ -36,8 +36,10 @@ def resolve_path(path: str, device: torch.device | str) -> str:
     return "second" if torch.device(device).type == "cuda" else "fused"
 
 
-def _label_channels(k: int, device: torch.device) -> int:
-    # The GPU kernels want head dims that are multiples of 8; on the CPU every extra channel is paid.
+def label_channels(k: int, device: torch.device) -> int:
+    """Channels to carry K labels in: the GPU kernels want head dims that are multiples of 8 (the
+    walkers pad once, before the first block, so no block pads again); on the CPU every extra
+    channel is paid for."""
     return -(-k // 8) * 8 if device.type == "cuda" else k
 
 
@@ -49,7 +51,7 @@ def _work_dtype(labels: torch.Tensor, x: torch.Tensor) -> torch.dtype:
 def _label_values(labels: torch.Tensor, b: int, h: int, n: int, dtype: torch.dtype) -> torch.Tensor:
     """(B, N, K) labels as (B, H, N, K') values for an SDPA call, K' padded for the GPU kernels."""
     kdim = labels.shape[-1]
-    pad = _label_channels(kdim, labels.device)
+    pad = label_channels(kdim, labels.device)
     lab = labels.to(dtype)
     if pad > kdim:
         lab = F.pad(lab, (0, pad - kdim))
@@ -57,13 +59,17 @@ def _label_values(labels: torch.Tensor, b: int, h: int, n: int, dtype: torch.dty
 
 
 def _second_call(q, k, labels, scale, attn_mask) -> torch.Tensor:
-    """Ā·L from a no-grad SDPA call with the labels as values (dropout never applies to labels)."""
+    """Ā·L from a no-grad SDPA call with the labels as values (dropout never applies to labels).
+    Few operations on purpose: on small models the host's launch time, not the GPU, sets the pace."""
     b, h, n, _ = q.shape
+    kdim = labels.shape[-1]
     with torch.no_grad():
         out = F.scaled_dot_product_attention(
             q.detach(), k.detach(), _label_values(labels, b, h, n, q.dtype), attn_mask=attn_mask, scale=scale
         )
-    return out[..., : labels.shape[-1]].to(_work_dtype(labels, q)).mean(dim=1)
+        if out.shape[-1] > kdim:
+            out = out[..., :kdim]
+        return out.mean(dim=1, dtype=_work_dtype(labels, q))
 
 
 def attend(
@@ -102,7 +108,7 @@ def attend(
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
         return out, _second_call(q, k, labels, scale, attn_mask)
     b, h, n, d = v.shape
-    pad = _label_channels(labels.shape[-1], v.device)
+    pad = label_channels(labels.shape[-1], v.device)
     out = F.scaled_dot_product_attention(
         F.pad(q, (0, pad)),
         F.pad(k, (0, pad)),
@@ -138,7 +144,7 @@ def attend_packed(
     labels = labels.detach()
     b, n, _, h, d = qkv.shape
     kdim = labels.shape[-1]
-    pad = _label_channels(kdim, qkv.device)
+    pad = label_channels(kdim, qkv.device)
     extra = qkv.new_zeros(b, n, 3, h, pad)
     extra[:, :, 2, :, :kdim] = labels.to(qkv.dtype).unsqueeze(2)
     q, k, v = torch.cat([qkv, extra], dim=-1).permute(2, 0, 3, 1, 4).unbind(0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.swin_transformer import (
@@ -26,7 +27,7 @@ from timm.models.swin_transformer import (
 )
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from tla_jobs.align.attention import attend, attend_packed, resolve_path
+from tla_jobs.align.attention import attend, attend_packed, label_channels, resolve_path
 from tla_jobs.errors import TlaError
 
 
@@ -44,7 +45,7 @@ def _unsupported(what: str) -> UnsupportedModelError:
 def _mix(labels: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
     # The reference's block rule: a plain average of the attention branch and the residual, whatever
     # the branch's norm, LayerScale or DropPath; MLP and norms act per token and leave labels alone.
-    return 0.5 * (mixed + labels)
+    return torch.lerp(labels.to(mixed.dtype), mixed, 0.5)  # one kernel (the cast is a no-op after block 1)
 
 
 # ----------------------------------------------------------------------------------------- ViT / DeiT
@@ -209,6 +210,13 @@ def propagate_labels(
     if patch_labels.ndim != 3 or patch_labels.shape[0] != images.shape[0]:
         raise ValueError(f"patch labels must be (B, N_patches, K), got {tuple(patch_labels.shape)}")
     path = resolve_path(path, images.device)
+    kdim = patch_labels.shape[-1]
+    if path == "second" and label_channels(kdim, images.device) > kdim:
+        # Pad once here (zero channels stay zero) rather than in every block's attention call.
+        logits, labels = propagate_labels(
+            model, images, F.pad(patch_labels, (0, label_channels(kdim, images.device) - kdim)), path
+        )
+        return logits, labels[..., :kdim]
     if isinstance(model, VisionTransformer):
         _check_vit(model)
         feats, labels = _vit_tokens(model, images, _vit_initial(model, patch_labels), path)
