@@ -229,3 +229,23 @@ def test_rank0_reports_waiting_for_ranks_and_times_out_with_one_line(digits, tmp
     assert proc.returncode == 2, err
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1 and "did not all meet" in lines[0] and "Traceback" not in err
+
+
+def test_status_shows_throughput_of_a_synthetic_smoke_run(tmp_path):
+    """The cluster smoke test a user runs before a long job: synthetic data, then `tla status`."""
+    from conftest import ROOT
+
+    env = {"TLA_RUNS": str(tmp_path / "runs"), "TLA_CLUSTER_CONFIGS": str(ROOT / "tests" / "profiles")}
+    run_tla("submit", "train", "--name", "smoke", "--model", "tla_vit_nano", "--dataset", "synthetic",
+            "--num-classes", "7", "--img-size", "16", "--synthetic-images", "256", "--batch-size", "32", "--epochs",
+            "1", "--workers", "0", "--peak-tflops", "2.0", env=env, check=True, cwd=tmp_path)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        st = json.loads(run_tla("status", "smoke", "--json", env=env, check=True, cwd=tmp_path).stdout)[0]
+        if st["state"] in ("COMPLETED", "FAILED"):
+            break
+        time.sleep(1)
+    assert st["state"] == "COMPLETED", st
+    text = run_tla("status", "smoke", env={**env, "COLUMNS": "200"}, check=True, cwd=tmp_path).stdout
+    line = next(x for x in text.splitlines() if x.startswith("last epoch"))
+    assert "img/s" in line and "TFLOP/s per device" in line and "MFU" in line, text

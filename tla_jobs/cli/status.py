@@ -130,6 +130,20 @@ def _damage_line(statuses) -> str | None:
     return f"damaged files in {len(bad)} run(s) ({shown}{more}); the other runs are shown as usual"
 
 
+def _throughput(figures: dict) -> str:
+    """images/s (per device when several), TFLOP/s and MFU per device, as the trainer reports them."""
+    ips = figures.get("images_per_s") or 0
+    text = f"{ips:.0f} img/s"
+    per = figures.get("images_per_s_per_device")
+    if per and abs(per - ips) > 0.5:
+        text += f" ({per:.0f} per device)"
+    if figures.get("tflops_per_device"):
+        text += f", {figures['tflops_per_device']:.1f} TFLOP/s per device"
+    if figures.get("mfu"):
+        text += f", MFU {100 * figures['mfu']:.1f}%"
+    return text
+
+
 def _detail(st) -> None:
     if st.state != "DAMAGED":
         _ = st.metrics  # read now, so that a damaged metrics.jsonl is said too
@@ -178,7 +192,12 @@ def _detail(st) -> None:
         console.print(f"heartbeat {age:.0f}s ago: {hb.get('phase')} epoch {hb.get('epoch')}/{hb.get('epochs')} "
                       f"step {hb.get('step')}/{hb.get('steps_per_epoch')} on {hb.get('host')} "
                       f"(job {hb.get('job_id')}), loss {hb.get('train_loss', 0):.4f}, "
-                      f"{hb.get('images_per_s', 0):.0f} img/s", highlight=False)
+                      f"{_throughput(hb)}", highlight=False)
+    last = st.metrics[-1] if st.metrics else None
+    if last and last.get("images_per_s"):
+        console.print(f"last epoch ({last.get('epoch', 0) + 1}): {_throughput(last)}"
+                      + (f", mean |w - λ| {last['w_shift']:.3f}" if last.get("w_shift") is not None else ""),
+                      highlight=False)
 
 
 @app.command("status")
@@ -257,7 +276,7 @@ def follow_run(run_dir: Path) -> int:
                 total = hb.get("steps_per_epoch")
                 if hb.get("phase") == "training" and hb.get("step", 0) > 0:
                     info = (f"{hb.get('phase')} loss {hb.get('train_loss', 0):.3f}  "
-                            f"{hb.get('images_per_s', 0):.0f} img/s  [{st.state}]")
+                            f"{_throughput(hb)}  [{st.state}]")
                 else:  # evaluating, finished, stopped: no step-level figures to show
                     info = f"{hb.get('phase')}  [{st.state}]"
                 done = total if hb.get("phase") == "finished" else hb.get("step", 0)
