@@ -93,8 +93,8 @@ def common_config(args) -> dict:
 
 
 def trainer(args, extra: tuple[str, ...] = (), keep: Path | None = None) -> dict:
-    """Runs `tla train` in a subprocess; returns its last metrics.jsonl row. The run directory is
-    temporary, or ``keep``."""
+    """Runs `tla train` in a subprocess; returns its last metrics.jsonl row (plus the first epoch's
+    seconds). The run directory is temporary, or ``keep``."""
     c = common_config(args)
     with tempfile.TemporaryDirectory() as tmp:
         out = str(keep or tmp)
@@ -108,7 +108,8 @@ def trainer(args, extra: tuple[str, ...] = (), keep: Path | None = None) -> dict
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"tla train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        return json.loads((Path(out) / "metrics.jsonl").read_text().splitlines()[-1])
+        rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        return {**rows[-1], "first_epoch_s": rows[0]["epoch_s"]}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
