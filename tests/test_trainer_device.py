@@ -73,14 +73,14 @@ def _cfg(digits, out, **kw) -> TrainConfig:
 def test_training_synchronises_per_check_not_per_step(digits, tmp_path, monkeypatch):
     from tla_jobs.train.loop import Trainer
 
-    # Checks come about once a second; a loaded 2-core machine makes steps slow enough that a second
+    # Checks come about every 2 s; a loaded 2-core machine makes steps slow enough that 2 s
     # is a few steps, so the interval is widened here to see what the loop itself does per step.
     monkeypatch.setattr("tla_jobs.train.loop.CHECK_EVERY_S", 30.0)
     counter = SyncCounter(monkeypatch)
     summary = Trainer(_cfg(digits, tmp_path / "run", epochs=2, checkpoint_every_min=0)).run()
     steps = summary["global_step"]
     assert steps >= 80
-    # The loop reads the device once per check (about once a second), so the count is far below
+    # The loop reads the device once per check (about every 2 s), so the count is far below
     # one per step; before, loss.item() and the stop flags made three per step.
     assert 1 <= len(counter.calls) <= steps / 4, counter.calls
     assert all(c.endswith(" in check") for c in counter.calls), counter.calls  # none in the step itself

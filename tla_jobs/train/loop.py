@@ -49,7 +49,9 @@ from tla_jobs.train.step import TrainStep
 
 log = logging.getLogger("tla.train")
 HEARTBEAT_EVERY_S = 2.0
-CHECK_EVERY_S = 1.0  # a stop signal is acted on within about this long (plus one step)
+# One host-device synchronisation per heartbeat: a stop signal is acted on within about this long
+# (plus one step), and each check can write the heartbeat with fresh figures.
+CHECK_EVERY_S = HEARTBEAT_EVERY_S
 MAX_CHECK_EVERY = 100  # steps
 
 
