@@ -309,7 +309,9 @@ def test_a_truncated_run_json_does_not_make_the_run_vanish(world):
 
 # ---------------------------------------------------------------------------------- bad arguments
 
-TRAIN = ["train", "--dataset", "digits", "--data-path", "{data}", "--output-dir", "{tmp}/out"]
+# a regression trains one step, not 300 epochs
+TRAIN = ["train", "--dataset", "digits", "--data-path", "{data}", "--output-dir", "{tmp}/out", "--epochs", "1",
+         "--max-steps", "1", "--workers", "0"]
 SUBMIT = ["submit", "train", "--name", "x", "--dataset", "digits", "--data-path", "{data}"]
 SWEEP = ["submit", "sweep", "--name", "sw", "--dataset", "digits", "--data-path", "{data}", "--model", "tla_vit_nano"]
 
@@ -353,6 +355,10 @@ ARGS = [
     ([*TRAIN, "--model", "resnet18", "--no-tl-align", "--img-size", "64"], "--model resnet18 cannot be built"),
     ([*TRAIN, "--num-classes", "1", "--model", "tla_vit_nano"], "--num-classes"),
     ([*TRAIN, "--eval-only", "--model", "tla_vit_nano"], "--eval-only needs --resume"),
+    ([*TRAIN, "--model", "tla_vit_nano", "--interpolation", "sharpest"], "--interpolation 'sharpest'"),
+    ([*TRAIN, "--model", "tla_vit_nano", "--aa", "v0x"], "--aa 'v0x'"),
+    ([*TRAIN, "--model", "tla_vit_nano", "--num-classes", "99999999999999999999999"], "cannot be built"),
+    ([*SUBMIT, "--model", "tla_vit_nano", "--interpolation", "sharpest", "--dry-run"], "preflight failed: model"),
     # submission
     ([*SUBMIT, "--model", "resnet18"], "preflight failed: model: --model resnet18"),
     ([*SUBMIT, "--model", "resnet18", "--dry-run"], "preflight failed: model"),

@@ -29,6 +29,29 @@ def check_config(cfg: TrainConfig, num_classes: int | None = None) -> None:
     if classes is not None and classes < 2:
         raise TlaError(f"--num-classes {classes}: a classifier needs at least 2 classes")
     check_model(cfg, classes or 1000)
+    check_transforms(cfg)
+
+
+def check_transforms(cfg: TrainConfig) -> None:
+    """Build the train and eval transforms (timm's, as the loaders do) and run them on a small blank
+    image: an unknown --interpolation or --aa policy fails here, not when the first batch loads."""
+    from PIL import Image
+
+    from tla_jobs.data.loaders import build_transforms
+
+    image = Image.new("RGB", (40, 40))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            build_transforms(cfg.model_copy(update={"aa": None}), 32)[1](image)
+        except (KeyError, AssertionError, ValueError, TypeError, RuntimeError) as exc:
+            raise TlaError(f"--interpolation {cfg.interpolation!r} is not one timm knows (bicubic, bilinear, "
+                           f"nearest, ...): {_first_line(exc)}") from None
+        try:
+            build_transforms(cfg, 32)[0](image)
+        except (KeyError, AssertionError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+            raise TlaError(f"--aa {cfg.aa!r} is not an augmentation policy timm can build "
+                           f"(e.g. rand-m9-mstd0.5-inc1, or none): {_first_line(exc)}") from None
 
 
 def check_model(cfg: TrainConfig, num_classes: int = 1000) -> None:
