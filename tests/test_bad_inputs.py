@@ -298,6 +298,17 @@ def test_commands_on_a_damaged_run_refuse_it_in_one_line(world):
     assert_others_readable(env)
 
 
+@pytest.mark.parametrize("data", ["{tmp}/nowhere", "", "{tmp}/runs/good-a"])
+def test_eval_job_with_a_data_path_that_is_no_dataset_is_not_queued(world, tmp_path, data):
+    root, env = world
+    (root / "good-a" / "checkpoint_last.pth").write_bytes(b"x")
+    _rewrite_json("run.json", lambda r: r["spec"].__setitem__("dataset", "imagefolder"))(root / "good-a")
+    one_line_error(tla(env, "eval", "checkpoint", "good-a", "--data-path", data.replace("{tmp}", str(tmp_path))),
+                   "does not exist")
+    assert json.loads((root / "good-a" / "run.json").read_text())["evals"] == []
+    assert not (root / "good-a" / "evals").exists() and not (root / "good-a" / "submitit").exists()
+
+
 def test_a_truncated_run_json_does_not_make_the_run_vanish(world):
     root, env = world
     for name in ("good-a", "good-b"):
@@ -400,6 +411,7 @@ ARGS = [
     (["report", "--plot", "{tmp}"], "--plot"),
     (["report", "--plot", "{tmp}/plot.gif"], "--plot"),
     (["report", "--sweep", "nope"], "no runs of a sweep"),
+    (["report", "--sweep", ""], "no runs of a sweep"),
     (["eval", "checkpoint", "/nonexistent/ckpt.pth"], "does not exist"),
     (["eval", "checkpoint", "ghost"], "does not exist"),
     (["resume", "ghost"], "does not exist"),

@@ -65,6 +65,16 @@ def _spec(train_kwargs: dict, run_dir: Path, profile) -> dict:
     return TrainConfig(**kw).model_dump()
 
 
+def _check_data(spec: dict) -> None:
+    """The data a job will read is there, in the ImageFolder layout, before the job is queued."""
+    from tla_jobs.data.folders import check_image_folder
+
+    data = spec.get("data_path") or ""
+    if spec.get("dataset", "imagefolder") != "imagefolder" and not (Path(data) / ".tla-dataset").is_file():
+        return  # a bundled dataset: the job prepares it on first use
+    check_image_folder(data, verify_images=False)
+
+
 def _show_plan(plan, script: str, checks) -> None:
     console.rule(f"[bold]dry run: {plan.name}[/] ({plan.profile.executor}, profile {plan.profile.name})")
     console.print(f"run directory: {plan.run_dir}")
@@ -278,6 +288,7 @@ def eval_checkpoint(
     if data_path:
         spec["data_path"] = str(data_path.expanduser().resolve())
     spec = TrainConfig(**spec).model_dump()
+    _check_data(spec)
     entry = submit_eval(run_dir, profile, spec, dependency, eval_id)
     if as_json:
         typer.echo(json.dumps(entry))

@@ -359,7 +359,7 @@ def report(
     if plot is not None and plot.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
         raise TlaError(f"--plot {plot}: the file name must end in .png, .pdf, .svg or .jpg")
     statuses = collect(_paths(runs, True))
-    if sweep:
+    if sweep is not None:
         statuses = [st for st in statuses if st.record.get("sweep") == sweep]
         if not statuses:
             raise TlaError(f"no runs of a sweep named {sweep!r}")
