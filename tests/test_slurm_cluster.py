@@ -171,12 +171,14 @@ def user_signal(cluster: Cluster, request) -> Iterator[bool]:
     back to the default afterwards."""
     on = request.param
     if on:
+        cluster.wait_for("no job left", lambda: not cluster.run("squeue", "-h", "-o", "%i").strip(), 90)
         subprocess.run(["bash", str(CLUSTER_SH), "up", "--preempt-user-signal"], check=True, capture_output=True,
                        timeout=300)
     try:
         yield on
     finally:
         if on:
+            cluster.wait_for("no job left", lambda: not cluster.run("squeue", "-h", "-o", "%i").strip(), 90)
             subprocess.run(["bash", str(CLUSTER_SH), "up"], check=True, capture_output=True, timeout=300)
 
 

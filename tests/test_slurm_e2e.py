@@ -105,12 +105,22 @@ def user_signal(request, cluster):
     """The cluster as most sites run it (False: no preempt_send_user_signal, preempted tasks get
     SIGTERM) or with SlurmctldParameters=preempt_send_user_signal (True: they get the job's USR2)."""
     if request.param:
+        _quiet()
         sh("bash", CLUSTER, "up", "--preempt-user-signal", timeout=300)
     try:
         yield request.param
     finally:
         if request.param:
+            _quiet()
             sh("bash", CLUSTER, "up", timeout=300)
+
+
+def _quiet(timeout: float = 90) -> None:
+    """No job left, not even one completing: a mode switch restarts the slurmds, and a step being
+    killed across a slurmd restart drains its node ("Kill task failed")."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and sh("squeue", "-h", "-o", "%i", check=False).stdout.strip():
+        time.sleep(1)
 
 
 def _sacct_states(job) -> list[str]:
