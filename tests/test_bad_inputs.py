@@ -373,6 +373,10 @@ ARGS = [
     # submission
     ([*SUBMIT, "--model", "resnet18"], "preflight failed: model: --model resnet18"),
     ([*SUBMIT, "--model", "resnet18", "--dry-run"], "preflight failed: model"),
+    ([*SUBMIT, "--model", "tla_vit_nano", "--batch-size", "5000"], "preflight failed: batch: --batch-size 5000"),
+    ([*SUBMIT, "--model", "tla_vit_nano", "--tasks-per-node", "2", "--batch-size", "1000", "--dry-run"],
+     "preflight failed: batch: --batch-size 1000 x 2 rank(s)"),
+    ([*SUBMIT, "--model", "tla_vit_nano", "--num-classes", "5"], "preflight failed: classes: --num-classes 5"),
     ([*SUBMIT, "--name", ""], "not a safe file name"),
     ([*SUBMIT, "--name", "../../etc"], "not a safe file name"),
     ([*SUBMIT, "--cluster", "no-such-profile"], "unknown cluster profile"),

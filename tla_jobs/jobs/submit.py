@@ -227,6 +227,16 @@ def preflight(plan: Plan) -> list[Check]:
         train, val = check_image_folder(data)  # images verified: all of a split up to 100k, else a sample
         checks.append(Check("data", True, f"{data}: {len(train.classes)} classes, {train.size} train / "
                                           f"{val.size} val images"))
+        # what the trainer would refuse once its ranks have met: too few images for one global batch,
+        # fewer classes than class folders
+        ranks = (plan.profile.slurm.nodes * plan.profile.slurm.tasks_per_node if plan.profile.executor == "slurm"
+                 else plan.profile.local.tasks)
+        if train.size < spec.get("batch_size", 1) * ranks:
+            checks.append(Check("batch", False, f"--batch-size {spec.get('batch_size')} x {ranks} rank(s) is more "
+                                                f"than the {train.size} training images"))
+        if spec.get("num_classes") and spec["num_classes"] < len(train.classes):
+            checks.append(Check("classes", False, f"--num-classes {spec['num_classes']} is fewer than the "
+                                                  f"{len(train.classes)} class folders"))
     checks.append(model_check(plan.specs))
     root = plan.run_dir.parent
     existing = next((p for p in (root, *root.parents) if p.exists()), root)  # a dry run creates nothing
