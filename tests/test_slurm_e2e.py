@@ -96,6 +96,10 @@ def test_submit_status_report_from_sacct(env, digits):
     # the trainer's completed record settles it at once, also while sacct still says RUNNING for a moment
     assert st["state"] == "COMPLETED" and st["source"] in ("sacct", "sacct+attempts"), st["source"]
     assert set(st["seen"]) & {"PENDING", "RUNNING"}, st["seen"]
+    deadline = time.time() + 60  # then sacct follows, and status says where it comes from
+    while time.time() < deadline and (st := status(env, "s1"))["source"] != "sacct":
+        time.sleep(1)
+    assert st["state"] == "COMPLETED" and st["source"] == "sacct", st["source"]
     assert any(j["state"] == "COMPLETED" and j["source"] == "sacct" for j in st["jobs"])
     report = json.loads(tla(env, "report", "s1", "--format", "json", check=True).stdout)[0]
     assert report["best_acc1"] > 10 and report["state"] == "COMPLETED"
