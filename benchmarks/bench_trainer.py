@@ -26,7 +26,7 @@ import torch
 
 
 def warm_steps(steps_per_epoch: int) -> int:
-    return min(10, max(1, steps_per_epoch // 4))  # as tla_jobs.train.loop._EpochClock
+    return min(10, max(1, steps_per_epoch // 4))  # as tla_jobs.train.progress.EpochClock
 
 
 def bare(args, device: torch.device) -> float:

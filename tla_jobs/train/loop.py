@@ -7,8 +7,9 @@ device, where losses are read, stop signals and the checkpoint clock are agreed 
 and the heartbeat is written) → evaluation, metrics, checkpoints → summary.
 
 The pieces live beside this file: step.py (one optimisation step), evaluate.py, checkpoint.py
-(files, state, RNG), runlog.py (attempts, heartbeat, metrics, summary, fencing), throughput.py,
-signals.py, distributed.py; the data on the device in tla_jobs/data/device.py.
+(files, state, RNG), progress.py (where training stands; when to check), runlog.py (attempts,
+heartbeat, metrics, summary, fencing), throughput.py, signals.py, distributed.py; the data on the
+device in tla_jobs/data/device.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ from tla_jobs.train.config import TrainConfig
 from tla_jobs.train.evaluate import evaluate
 from tla_jobs.train.mixing import BatchMixer
 from tla_jobs.train.models import build_model, check_model_name, model_input_size, model_patch_size
+from tla_jobs.train.progress import CheckClock, EpochClock, Progress
 from tla_jobs.train.runlog import RunLog, Superseded, waiting_for_ranks
 from tla_jobs.train.step import TrainStep
 
@@ -52,42 +54,6 @@ HEARTBEAT_EVERY_S = 2.0
 # One host-device synchronisation per heartbeat: a stop signal is acted on within about this long
 # (plus one step), and each check can write the heartbeat with fresh figures.
 CHECK_EVERY_S = HEARTBEAT_EVERY_S
-MAX_CHECK_EVERY = 100  # steps
-
-
-@dataclass
-class Progress:
-    """Where training stands; all of it goes into every checkpoint."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0  # batches of this epoch already trained (the sampler resumes after them)
-    global_step: int = 0
-    loss_sum: float = 0.0  # this epoch's running train loss, so a resumed epoch reports the same mean
-    loss_count: int = 0
-    shift_sum: float = 0.0  # this epoch's running mean |w_cls - λ| (aligned batches only)
-    shift_count: int = 0
-    best_acc1: float = -1.0
-    history: list = field(default_factory=list)  # metrics.jsonl rows, rewritten from here on resume
-
-    _KEYS = {"train_loss_sum": "loss_sum", "train_loss_count": "loss_count", "metrics": "history"}
-
-    def as_payload(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {next((k for k, v in self._KEYS.items() if v == name), name): val for name, val in d.items()}
-
-    @classmethod
-    def from_payload(cls, payload: dict) -> Progress:
-        names = {f.name for f in fields(cls)}
-        kw = {cls._KEYS.get(k, k): v for k, v in payload.items() if cls._KEYS.get(k, k) in names}
-        kw["history"] = list(kw.get("history", []))
-        return cls(**kw)
-
-    def fold(self, sums: list[float]) -> None:
-        """Add what TrainStep.read() returned: loss sum, steps, non-finite, |w - λ| sum, aligned steps."""
-        self.loss_sum += sums[0]
-        self.loss_count += int(sums[1])
-        self.shift_sum += sums[3]
-        self.shift_count += int(sums[4])
 
 
 class Interrupted(Exception):
@@ -403,13 +369,13 @@ class Trainer:
     def _epochs(self, parts: Parts, p: Progress, out: Path, steps_per_epoch: int) -> str:
         """The epoch loop; returns why it ended ('completed' or 'max_steps')."""
         cfg, info = self.cfg, self.info
-        check = _CheckClock(info)
+        check = CheckClock(info, CHECK_EVERY_S)
         last_ckpt, last_beat = time.monotonic(), 0.0
         while p.epoch < cfg.epochs:
             parts.scheduler.step(p.epoch)
             parts.net.train()
             lr = parts.optimizer.param_groups[0]["lr"]
-            clock = _EpochClock(p.step_in_epoch, steps_per_epoch, cfg.batch_size * info.world_size)
+            clock = EpochClock(p.step_in_epoch, steps_per_epoch, cfg.batch_size * info.world_size)
             limit = False
             for images, targets in parts.train.epoch(p.epoch, p.step_in_epoch):
                 parts.step(images, targets, p.global_step)
@@ -443,7 +409,7 @@ class Trainer:
                 return "max_steps"
         return "completed"
 
-    def _check(self, parts: Parts, p: Progress, check: _CheckClock, due: bool) -> tuple[bool, bool]:
+    def _check(self, parts: Parts, p: Progress, check: CheckClock, due: bool) -> tuple[bool, bool]:
         """The loop's one synchronisation point: read the device's sums, agree on stop and checkpoint
         (and whether rank 0 lost the run to another attempt), and set when the next check comes."""
         info = self.info
@@ -566,50 +532,6 @@ class Trainer:
             "time": time.time(),
             "version": __version__,
         }
-
-
-class _CheckClock:
-    """When the loop next synchronises: every k steps, k chosen from the agreed step time so that a
-    check comes about every CHECK_EVERY_S. Ranks must check at the same steps (the check is a
-    collective), so k only changes from values all ranks share. A single process needs no
-    agreement and also checks at once when a signal or the checkpoint clock asks for it."""
-
-    def __init__(self, info: tdist.DistInfo):
-        self.info, self.every, self.since = info, 1, 0
-        self.mark = time.monotonic()
-
-    def now(self, host_wants: bool, force: bool) -> bool:
-        self.since += 1
-        return force or self.since >= self.every or (host_wants and not self.info.distributed)
-
-    def step_seconds(self) -> float:
-        return (time.monotonic() - self.mark) / max(self.since, 1)
-
-    def agreed(self, step_s: float) -> None:
-        self.every = int(min(MAX_CHECK_EVERY, max(1, CHECK_EVERY_S / max(step_s, 1e-6))))
-        self.since, self.mark = 0, time.monotonic()
-
-
-class _EpochClock:
-    """Images/s of an epoch, overall and in steady state (after the first few steps' start-up)."""
-
-    def __init__(self, start_step: int, steps_per_epoch: int, global_batch: int):
-        self.start, self.global_batch, self.start_step = time.monotonic(), global_batch, start_step
-        self.warm_step = start_step + min(10, max(1, (steps_per_epoch - start_step) // 4))
-        self.warm_time: float | None = None
-        self.images = 0
-        self.steps = 0
-
-    def stepped(self, step_in_epoch: int) -> None:
-        self.images += self.global_batch
-        self.steps = step_in_epoch
-        if step_in_epoch == self.warm_step:
-            self.warm_time = time.monotonic()
-
-    def rate(self, now: float) -> float:
-        if self.warm_time is not None and self.steps > self.warm_step and now > self.warm_time:
-            return (self.steps - self.warm_step) * self.global_batch / (now - self.warm_time)
-        return self.images / max(now - self.start, 1e-9)
 
 
 def train(cfg: TrainConfig) -> dict:
