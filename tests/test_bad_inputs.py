@@ -182,6 +182,8 @@ DAMAGES = [
      _rewrite_json("heartbeat.json", lambda h: h["progress"].__setitem__("epochs_done", 2.5)), "epochs_done", False),
     ("heartbeat-time-1e308", _rewrite_json("heartbeat.json", lambda h: h.__setitem__("time", 1e308)),
      "heartbeat.json has no time", False),
+    ("heartbeat-mfu-text", _rewrite_json("heartbeat.json", lambda h: h.__setitem__("mfu", "high")),
+     "heartbeat.json mfu is not a number", False),
     ("summary-list", _write("summary.json", "[]"), "summary.json is a list", False),
     ("summary-truncated", _truncate("summary.json"), "summary.json is not valid JSON", False),
     ("summary-directory", _write("summary.json", IsADirectoryError), "summary.json is a directory", False),
@@ -200,6 +202,8 @@ DAMAGES = [
      False),
     ("metrics-negative-epoch", _write("metrics.jsonl", '{"epoch": -1, "acc1": 5.0}\n'), "metrics.jsonl", False),
     ("metrics-directory", _write("metrics.jsonl", IsADirectoryError), "metrics.jsonl is a directory", False),
+    ("metrics-throughput-text", _write("metrics.jsonl", '{"epoch": 0, "acc1": 5.0, "images_per_s": "fast"}\n'),
+     "metrics.jsonl: 1 of 1 rows", False),
 ]
 
 

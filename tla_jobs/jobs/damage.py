@@ -122,8 +122,9 @@ def _progress_problem(progress: Any) -> str | None:
     return None
 
 
-HEARTBEAT_NUMBERS = ("time", "epoch", "epochs", "step", "steps_per_epoch", "global_step", "train_loss",
-                     "images_per_s", "lr", "pid")
+THROUGHPUT = ("images_per_s", "images_per_s_per_device", "tflops_per_device", "mfu")
+HEARTBEAT_NUMBERS = ("time", "epoch", "epochs", "step", "steps_per_epoch", "global_step", "train_loss", "lr", "pid",
+                     "world_size", "restart_count", *THROUGHPUT)
 
 
 def heartbeat_problem(beat: Any) -> str | None:
@@ -187,7 +188,8 @@ def _attempt_ok(row: dict) -> bool:
 
 def _metric_ok(row: dict) -> bool:
     return _int(row.get("epoch")) and row["epoch"] >= 0 and _real(row.get("acc1")) and \
-        all(_opt(row.get(k), _real) for k in ("acc5", "val_loss", "train_loss", "epoch_s", "lr"))
+        all(_opt(row.get(k), _real) for k in ("acc5", "val_loss", "train_loss", "epoch_s", "lr", "w_shift",
+                                                *THROUGHPUT))
 
 
 def _rows(path: Path, name: str, ok) -> tuple[list[dict], str | None]:
