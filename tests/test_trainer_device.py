@@ -249,3 +249,22 @@ def test_status_shows_throughput_of_a_synthetic_smoke_run(tmp_path):
     text = run_tla("status", "smoke", env={**env, "COLUMNS": "200"}, check=True, cwd=tmp_path).stdout
     line = next(x for x in text.splitlines() if x.startswith("last epoch"))
     assert "img/s" in line and "TFLOP/s per device" in line and "MFU" in line, text
+
+
+def test_an_unreadable_image_the_check_did_not_see_is_skipped_not_fatal(digits, tmp_path):
+    """Above 100,000 images the data check samples; a bad file it missed must not stop step N."""
+    import shutil
+
+    from torchvision.datasets import ImageFolder
+
+    from tla_jobs.data.loaders import SeededSamples, _loader
+
+    root = tmp_path / "train"
+    shutil.copytree(digits / "train", root)
+    ds = ImageFolder(str(root), loader=_loader)
+    bad_path = Path(ds.samples[3][0])
+    bad_path.write_bytes(bad_path.read_bytes()[:20])  # cut off mid-header
+    samples = SeededSamples(ds)
+    image, label = samples[(3, 123)]
+    assert (image.size, label) == (ds[4][0].size, ds[4][1])  # the next readable one stands in
+    assert samples[(3, 123)][0].tobytes() == image.tobytes()  # the same one every time (exact resume)

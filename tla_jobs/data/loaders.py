@@ -13,6 +13,7 @@ Two things timm and torch lack, written here:
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,8 @@ from torchvision.datasets import ImageFolder
 from tla_jobs.data.device import DeviceTransform, LoaderBatches
 from tla_jobs.errors import DataError
 from tla_jobs.train.config import TrainConfig
+
+log = logging.getLogger("tla.data")
 
 
 def _posterize(img, bits_to_keep, **__):
@@ -69,7 +72,7 @@ def _loader(path: str) -> Image.Image:
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
-    except OSError as exc:
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"unreadable image {path}: {exc}") from None
 
 
@@ -89,7 +92,15 @@ class SeededSamples(Dataset):
         # The CPU generator only: torch.manual_seed also queues a lazy CUDA seeding that records a
         # formatted stack trace each call, which cost ~5 ms per sample, more than the transforms.
         torch.default_generator.manual_seed(seed)
-        return self.base[index]
+        # The data check reads every image of a split up to 100,000 and a sample above; an unreadable
+        # image it did not see is skipped (logged, and replaced by the next readable one, so the
+        # batch and the run's exact resume stay as they are) instead of stopping the run at step N.
+        for offset in range(len(self.base)):
+            try:
+                return self.base[(index + offset) % len(self.base)]
+            except DataError as exc:
+                log.warning("skipping %s", exc)
+        raise DataError(f"no readable image in {self.base.root}")
 
 
 class ResumableSampler(Sampler):

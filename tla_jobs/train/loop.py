@@ -160,6 +160,10 @@ class Trainer:
             num_classes = cfg.num_classes or 1000
         else:
             train_split, _ = check_image_folder(data)
+            world = tdist.expected_world_size()
+            if train_split.size < cfg.batch_size * world:  # before the ranks wait for each other
+                raise DataError(f"{data / 'train'} has {train_split.size} images, fewer than one global batch "
+                                f"({cfg.batch_size} x {world})")
             num_classes = cfg.num_classes or len(train_split.classes)
             if num_classes < len(train_split.classes):
                 raise DataError(f"--num-classes {num_classes} is fewer than the {len(train_split.classes)} "
