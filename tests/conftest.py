@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,14 @@ def assert_clean_error(proc: subprocess.CompletedProcess, fragment: str) -> None
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     assert fragment.lower() in lines[0].lower(), lines[0]
+
+
+def wait_for(predicate, timeout=180, every=0.5, what="the condition"):
+    """Poll ``predicate`` until it returns something true (returned) or ``timeout`` seconds pass."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -9,11 +9,10 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT, assert_clean_error, run_tla
+from conftest import FAST, ROOT, assert_clean_error, run_tla, wait_for
 from typer.testing import CliRunner
 
 PROFILES = ROOT / "tests" / "profiles"
@@ -37,16 +36,6 @@ def tla(env, *args, **kw):
 def status_json(env, run):
     proc = tla(env, "status", run, "--json", check=True)
     return json.loads(proc.stdout)[0]
-
-
-def wait_for(predicate, timeout=180, every=0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not reached in time")
 
 
 def test_help_and_fast_commands_do_not_import_torch(env):

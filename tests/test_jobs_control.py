@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, assert_clean_error, run_tla
+from conftest import FAST, assert_clean_error, run_tla, wait_for
 
 PROFILES = Path(__file__).parent / "profiles"
 
@@ -34,16 +34,6 @@ def status(env, run) -> dict:
     return json.loads(tla(env, "status", run, "--json", check=True).stdout)[0]
 
 
-def wait_for(what, predicate, timeout=240, interval=0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -57,7 +47,7 @@ def finished(env, digits) -> str:
     """A real local run that completed."""
     tla(env, "submit", "train", "--name", "done", *FAST, "--data-path", digits, "--epochs", "1", "--max-steps", "6",
         check=True)
-    wait_for("run done to complete", lambda: status(env, "done")["state"] in ("COMPLETED", "FAILED"), 300)
+    wait_for(lambda: status(env, "done")["state"] in ("COMPLETED", "FAILED"), 300, what="run done to complete")
     assert status(env, "done")["state"] == "COMPLETED"
     return "done"
 
@@ -131,7 +121,7 @@ def test_a_failed_eval_job_shows_in_status(env, finished):
         evs = status(env, finished)["evals"]
         return evs if evs and evs[0]["state"] not in ("RUNNING", "PENDING", "UNKNOWN") else None
 
-    evs = wait_for("the eval job to end", failed, 240)
+    evs = wait_for(failed, 240, what="the eval job to end")
     assert evs[0]["state"] == "FAILED" and evs[0]["job_id"] == eval_job, evs
     assert evs[0]["error"], evs
     st = status(env, finished)
@@ -153,7 +143,7 @@ def test_cancel_stops_training_and_eval_jobs_and_says_which(env, digits, tmp_pat
     train_job = json.loads(out)["job_id"]
     assert json.loads(out)["run_dir"] == str(root / "long") and (root / "long" / "run.json").is_file()
     assert not (env["runs"] / "long").exists()
-    wait_for("the first checkpoint", lambda: (root / "long" / "checkpoint_last.pth").exists(), 240)
+    wait_for(lambda: (root / "long" / "checkpoint_last.pth").exists(), 240, what="the first checkpoint")
     eval_job = json.loads(tla(e, "eval", "checkpoint", "long", "--json", check=True).stdout)["job_id"]
     assert alive(int(train_job)) and alive(int(eval_job))
 
@@ -161,7 +151,7 @@ def test_cancel_stops_training_and_eval_jobs_and_says_which(env, digits, tmp_pat
     proc = tla(e, "cancel", "long", "--eval", check=True)
     assert train_job not in proc.stdout and alive(int(train_job))
     if f"eval job {eval_job}" in proc.stdout:
-        wait_for("the eval job to stop", lambda: not alive(int(eval_job)), 60)
+        wait_for(lambda: not alive(int(eval_job)), 60, what="the eval job to stop")
         st = json.loads(tla(e, "status", "long", "--json", check=True).stdout)[0]
         # stopped, unless it wrote its result in the meantime (then it did complete)
         assert st["evals"][0]["state"] in ("CANCELLED", "COMPLETED") and st["state"] == "RUNNING", st["evals"]
@@ -172,7 +162,7 @@ def test_cancel_stops_training_and_eval_jobs_and_says_which(env, digits, tmp_pat
     proc = tla(e, "cancel", "long", check=True)
     assert f"training job {train_job}" in proc.stdout
     # the eval job may have finished already (seconds on digits); if it was live it was stopped too
-    wait_for("both jobs to stop", lambda: not alive(int(train_job)) and not alive(int(eval_job)), 60)
+    wait_for(lambda: not alive(int(train_job)) and not alive(int(eval_job)), 60, what="both jobs to stop")
     st = json.loads(tla(e, "status", "long", "--json", check=True).stdout)[0]
     assert st["state"] == "CANCELLED"
     # an eval that wrote its result before the signal took effect did complete
@@ -187,11 +177,11 @@ def test_cancel_sweep_stops_every_run_of_it(env, digits):
               "--epochs", "30", "--step-delay", "0.1", "--json", check=True).stdout
     runs = [s["run"] for s in json.loads(out)]
     jobs = [s["job_id"] for s in json.loads(out)]
-    wait_for("the sweep's runs to start", lambda: all(status(env, r)["state"] == "RUNNING" for r in runs), 120)
+    wait_for(lambda: all(status(env, r)["state"] == "RUNNING" for r in runs), 120, what="the sweep's runs to start")
     proc = tla(env, "cancel", "--sweep", "sw", "--train", check=True)
     for r in runs:
         assert f"cancelled {r}" in proc.stdout, proc.stdout
-    wait_for("the sweep's jobs to stop", lambda: not any(alive(int(j)) for j in jobs), 60)
+    wait_for(lambda: not any(alive(int(j)) for j in jobs), 60, what="the sweep's jobs to stop")
     assert [status(env, r)["state"] for r in runs] == ["CANCELLED", "CANCELLED"]
     assert_clean_error(tla(env, "cancel", "--sweep", "no-such-sweep"), "no runs of a sweep")
     assert_clean_error(tla(env, "cancel"), "give one run")
