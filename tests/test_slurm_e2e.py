@@ -379,7 +379,7 @@ def test_node_failure_requeues_on_the_other_node_and_fences_the_old_attempt(env,
     crashed) and the node is marked DOWN: SLURM requeues the job on the other node. The old attempt
     must stop writing and exit once the new one owns the run; status pairs each attempt with the
     restart that ran it and calls the old one superseded, not killed."""
-    job = submit(env, "nodefail", "--step-delay", "0.1", "--checkpoint-every-min", "0", digits=digits, epochs=2)
+    job = submit(env, "nodefail", "--step-delay", "0.3", "--checkpoint-every-min", "0", digits=digits, epochs=2)
     wait_step(env, "nodefail", 5)
     node = sh("squeue", "-h", "-j", job, "-o", "%N").stdout.strip()
     assert node in ("n1", "n2"), node
