@@ -33,17 +33,14 @@ def batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
 class DeviceTransform:
     """uint8 (B, C, H, W) on any device → normalised float on ``device``, randomly erased in training."""
 
-    def __init__(self, device: torch.device, mean, std, reprob: float = 0.0, channels_last: bool = False):
-        self.device, self.reprob, self.channels_last = device, reprob, channels_last
+    def __init__(self, device: torch.device, mean, std, reprob: float = 0.0):
+        self.device, self.reprob = device, reprob
         self.mean = torch.tensor([x * 255 for x in mean], device=device).view(1, -1, 1, 1)
         self.std = torch.tensor([x * 255 for x in std], device=device).view(1, -1, 1, 1)
         self.noise_gen = torch.Generator(device=device)
 
     def __call__(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        x = images.to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = x.float().sub_(self.mean).div_(self.std)
+        x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
         if seed is not None and self.reprob > 0:
             x = self._erase(x, seed)
         return x
