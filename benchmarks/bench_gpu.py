@@ -123,10 +123,10 @@ def section_precision(args, rows: list, run: Path | None) -> None:
     import torch
 
     from tla_jobs.align import aligned_forward, token_cutmix
+    from tla_jobs.config import TrainConfig
     from tla_jobs.data.device import DeviceTransform
     from tla_jobs.data.loaders import eval_loader
     from tla_jobs.train import checkpoint as ckpt
-    from tla_jobs.train.config import TrainConfig
     from tla_jobs.train.models import build_model, model_input_size, model_patch_size
 
     if run is None or not (run / ckpt.LAST).exists():

@@ -38,9 +38,9 @@ def bare(args, device: torch.device) -> float:
 
     from tla_jobs.align import AlignedModel, mixed_targets, token_cutmix
     from tla_jobs.align.attention import resolve_path
+    from tla_jobs.config import TrainConfig
     from tla_jobs.data.device import DeviceTransform
     from tla_jobs.data.loaders import build_transforms
-    from tla_jobs.train.config import TrainConfig
     from tla_jobs.train.models import build_model, model_input_size, model_patch_size
 
     cfg = TrainConfig(**common_config(args))

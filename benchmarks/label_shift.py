@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from tla_jobs.align import aligned_forward, token_cutmix
+from tla_jobs.config import TrainConfig
 from tla_jobs.data.loaders import eval_loader
 from tla_jobs.train import checkpoint as ckpt
-from tla_jobs.train.config import TrainConfig
 from tla_jobs.train.models import build_model, model_input_size, model_patch_size
 
 

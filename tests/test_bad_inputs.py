@@ -45,7 +45,7 @@ def make_run(root: Path, name: str, acc: float = 70.0, evals: bool = False) -> P
     d.mkdir(parents=True)
     now = time.time()
     spec = {"model": "tla_vit_nano", "epochs": 3, "dataset": "digits", "data_path": str(root / "data"),
-            "output_dir": str(d), "run_dir": str(d)}
+            "output_dir": str(d)}
     record = {"name": name, "created": now, "spec": spec, "profile": {"executor": "local"}, "kind": "train",
               "submissions": [{"job_id": JOB, "executor": "local", "submitted": now, "reason": "submit",
                                "nodes": 1, "tasks_per_node": 1}], "evals": []}

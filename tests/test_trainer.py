@@ -18,8 +18,8 @@ import pytest
 import torch
 from conftest import FAST, TLA, assert_clean_error, run_tla
 
+from tla_jobs.config import TrainConfig
 from tla_jobs.train import checkpoint as ckpt
-from tla_jobs.train.config import TrainConfig
 
 TIMING = {"images_per_s", "images_per_s_per_device", "images_per_s_steady", "tflops_per_device", "mfu", "epoch_s",
           "time"}

@@ -18,9 +18,9 @@ import torch
 from conftest import FAST, TLA, run_tla
 
 from tla_jobs import rundir
+from tla_jobs.config import TrainConfig
 from tla_jobs.data.device import DeviceTransform
 from tla_jobs.train import checkpoint as ckpt
-from tla_jobs.train.config import TrainConfig
 
 # Calls that make the host wait for a GPU when their tensor lives there.
 SYNCS = ("item", "__bool__", "tolist", "cpu", "numpy", "__float__", "__int__")

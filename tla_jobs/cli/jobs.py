@@ -52,16 +52,13 @@ def _profile(name: str, nodes, gpus, time_min, partition, tasks):
 
 
 def _spec(train_kwargs: dict, run_dir: Path, profile) -> dict:
-    from tla_jobs.train.config import TrainConfig
+    from tla_jobs.config import TrainConfig
 
     kw = dict(train_kwargs)
     for key in ("data_path", "resume"):
         if kw.get(key):
             kw[key] = str(Path(kw[key]).expanduser().resolve())
     kw["output_dir"] = str(run_dir)
-    kw["run_dir"] = str(run_dir)
-    if profile.executor == "slurm":
-        kw["max_stalled_attempts"] = profile.slurm.max_stalled_attempts
     return TrainConfig(**kw).model_dump()
 
 
@@ -173,16 +170,11 @@ def submit_sweep(
     train_kwargs: dict = None,
 ) -> None:
     """Submit a grid of models x seeds x arms as ONE job array; every element is its own run."""
+    from tla_jobs.config import ARMS as arm_opts
     from tla_jobs.jobs import records
     from tla_jobs.jobs.submit import Plan, preflight, render
     from tla_jobs.jobs.submit import submit_sweep as do_sweep
 
-    arm_opts = {
-        "tla": dict(tl_align=True, mixup=None, cutmix_grid=None, model_ema=None),
-        "base": dict(tl_align=False, mixup=None, cutmix_grid=None, model_ema=None),
-        "grid": dict(tl_align=False, mixup=0.0, cutmix_grid=True, model_ema=False),
-        "none": dict(tl_align=False, mixup=0.0, cutmix=0.0, cutmix_grid=False, model_ema=False),
-    }
     arm_list = [a.strip() for a in arms.split(",") if a.strip()]
     unknown = [a for a in arm_list if a not in arm_opts]
     if unknown or not arm_list:
@@ -256,10 +248,10 @@ def eval_checkpoint(
     When the run's training job is still queued or running on SLURM, the eval job waits for it
     (--dependency afterok) and evaluates the checkpoint training ends with.
     """
+    from tla_jobs.config import TrainConfig
     from tla_jobs.jobs import profiles, records
     from tla_jobs.jobs.state import ACTIVE, collect
     from tla_jobs.jobs.submit import submit_eval
-    from tla_jobs.train.config import TrainConfig
 
     path = Path(target).expanduser()
     if path.suffix == ".pth" or path.is_file():
@@ -283,8 +275,7 @@ def eval_checkpoint(
         raise TlaError(f"checkpoint {ckpt} does not exist (has the run trained an epoch yet?)")
     eval_id = f"eval-{int(time.time() * 1000)}"
     out = run_dir / "evals" / eval_id
-    spec = {**record["spec"], "resume": str(ckpt), "eval_only": True, "output_dir": str(out),
-            "max_stalled_attempts": 0}
+    spec = {**record["spec"], "resume": str(ckpt), "eval_only": True, "output_dir": str(out)}
     if data_path:
         spec["data_path"] = str(data_path.expanduser().resolve())
     spec = TrainConfig(**spec).model_dump()

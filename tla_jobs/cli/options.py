@@ -14,9 +14,9 @@ import typing
 
 import typer
 
-from tla_jobs.train.config import TrainConfig
+from tla_jobs.config import TrainConfig
 
-HIDDEN = {"run_dir", "step_delay", "max_stalled_attempts"}
+HIDDEN = {"step_delay"}
 HELP = {
     "model": "timm model name (deit_tiny_patch16_224, deit_small_distilled_patch16_224, swin_tiny_patch4_window7_224, "
              "or the small tla_vit_nano / tla_vit_micro / tla_swin_micro).",

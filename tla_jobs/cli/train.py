@@ -24,7 +24,7 @@ def train_command(train_kwargs: dict) -> None:
     --output-dir resumes from its newest good checkpoint. SIGUSR2/SIGTERM checkpoint and stop
     (exit code 75).
     """
-    from tla_jobs.train.config import TrainConfig
+    from tla_jobs.config import TrainConfig
     from tla_jobs.train.preflight import check_config
 
     cfg = TrainConfig(**train_kwargs)

@@ -27,9 +27,9 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import ImageFolder
 
+from tla_jobs.config import TrainConfig
 from tla_jobs.data.device import DeviceTransform, LoaderBatches
 from tla_jobs.errors import DataError
-from tla_jobs.train.config import TrainConfig
 
 log = logging.getLogger("tla.data")
 

@@ -64,18 +64,19 @@ def rundir_is_main() -> bool:
 
 
 class TrainJob:
-    def __init__(self, max_requeue_preempt: int | None = None, time_min: int = 0):
+    def __init__(self, max_requeue_preempt: int | None = None, time_min: int = 0, max_stalled_attempts: int = 0):
         self.max_requeue_preempt = max_requeue_preempt
         self.time_min = time_min
+        self.max_stalled_attempts = max_stalled_attempts  # the profile's policy; the trainer counts the attempts
 
     def __call__(self, spec: dict) -> dict:
-        from tla_jobs.train.config import TrainConfig
+        from tla_jobs.config import TrainConfig
         from tla_jobs.train.loop import train
 
         limit = getattr(self, "max_requeue_preempt", None)  # jobs pickled by older versions have none
         if limit is not None and spec.get("output_dir"):
             refuse_past_requeue_limit(Path(spec["output_dir"]), limit, getattr(self, "time_min", 0))
-        return train(TrainConfig(**spec))
+        return train(TrainConfig(**spec), max_stalled_attempts=getattr(self, "max_stalled_attempts", 0))
 
     def checkpoint(self, spec: dict):
         import submitit
@@ -85,7 +86,7 @@ class TrainJob:
 
 class EvalJob:
     def __call__(self, spec: dict) -> dict:
-        from tla_jobs.train.config import TrainConfig
+        from tla_jobs.config import TrainConfig
         from tla_jobs.train.loop import train
 
         return train(TrainConfig(**{**spec, "eval_only": True}))

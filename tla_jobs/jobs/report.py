@@ -100,7 +100,7 @@ def with_std(table: list[dict]) -> list[dict]:
 def _mixing(spec: dict) -> str:
     if not spec:
         return ""
-    from tla_jobs.train.config import TrainConfig
+    from tla_jobs.config import TrainConfig
 
     try:
         return TrainConfig(**spec).mixing()

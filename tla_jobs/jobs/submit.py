@@ -386,7 +386,8 @@ def requeue_limits(profile: Profile) -> dict:
     """What the job itself enforces when SLURM (or the host shell) brings it back."""
     if profile.executor != "slurm":
         return {}
-    return {"max_requeue_preempt": profile.slurm.max_requeue_preempt, "time_min": profile.slurm.time_min}
+    return {"max_requeue_preempt": profile.slurm.max_requeue_preempt, "time_min": profile.slurm.time_min,
+            "max_stalled_attempts": profile.slurm.max_stalled_attempts}
 
 
 def submit_train(plan: Plan, reason: str = "submit") -> dict:

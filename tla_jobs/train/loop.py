@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tla_jobs import __version__, rundir
 from tla_jobs.align import AlignedModel, check_supported
 from tla_jobs.align.attention import resolve_path
+from tla_jobs.config import TrainConfig
 from tla_jobs.data.device import DeviceTransform, EvalBatches, SyntheticBatches
 from tla_jobs.data.folders import check_image_folder
 from tla_jobs.data.loaders import eval_loader, train_batches
@@ -41,7 +42,6 @@ from tla_jobs.fsutil import atomic_write_json, read_jsonl
 from tla_jobs.train import checkpoint as ckpt
 from tla_jobs.train import distributed as tdist
 from tla_jobs.train import signals, throughput
-from tla_jobs.train.config import TrainConfig
 from tla_jobs.train.evaluate import evaluate
 from tla_jobs.train.mixing import BatchMixer
 from tla_jobs.train.models import build_model, check_model_name, model_input_size, model_patch_size
@@ -144,8 +144,9 @@ def weights_checksum(model: torch.nn.Module) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, max_stalled_attempts: int = 0):
         self.cfg = cfg
+        self.max_stalled_attempts = max_stalled_attempts
         self.stop = signals.StopSignals()
         self.info: tdist.DistInfo | None = None
         self.runlog: RunLog | None = None
@@ -490,7 +491,7 @@ class Trainer:
 
     def _refuse_if_stalled(self, out: Path, global_step: int) -> None:
         """Stop a requeue loop that never advances: N+1 attempts starting at the same step."""
-        n = self.cfg.max_stalled_attempts
+        n = self.max_stalled_attempts
         if not n:
             return
         starts = [e.get("global_step") for e in read_jsonl(out / rundir.ATTEMPTS) if e.get("event") == "start"]
@@ -538,7 +539,9 @@ class Trainer:
         }
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run training (or --eval-only evaluation) in this process; returns the summary / eval result."""
+def train(cfg: TrainConfig, max_stalled_attempts: int = 0) -> dict:
+    """Run training (or --eval-only evaluation) in this process; returns the summary / eval result.
+    max_stalled_attempts: give up after this many attempts in a row with no new step (0 = never); the
+    cluster profile's policy, passed by the job entry point."""
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    return Trainer(cfg).run()
+    return Trainer(cfg, max_stalled_attempts).run()

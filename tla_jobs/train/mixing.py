@@ -19,7 +19,7 @@ from timm.data import Mixup
 
 from tla_jobs.align import mixed_targets, smoothed_one_hot, token_cutmix
 from tla_jobs.align.cutmix import numpy_rng
-from tla_jobs.train.config import TrainConfig
+from tla_jobs.config import TrainConfig
 
 
 @dataclass

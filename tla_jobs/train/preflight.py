@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import warnings
 
+from tla_jobs.config import TrainConfig
 from tla_jobs.errors import TlaError
-from tla_jobs.train.config import TrainConfig
 
 
 def _first_line(exc: BaseException) -> str:

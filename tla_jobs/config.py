@@ -11,6 +11,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# The arms of `tla submit sweep`: each sets the mixing fields so that TrainConfig.mixing() names it.
+# None leaves a field to the recipe's defaults (_recipe_defaults below).
+ARMS: dict[str, dict] = {
+    "tla": dict(tl_align=True, mixup=None, cutmix_grid=None, model_ema=None),  # -> tl-align
+    "base": dict(tl_align=False, mixup=None, cutmix_grid=None, model_ema=None),  # -> mixup+cutmix (DeiT)
+    "grid": dict(tl_align=False, mixup=0.0, cutmix_grid=True, model_ema=False),  # -> grid-cutmix
+    "none": dict(tl_align=False, mixup=0.0, cutmix=0.0, cutmix_grid=False, model_ema=False),  # -> none
+}
+
+RETIRED_KEYS = frozenset({"run_dir", "max_stalled_attempts"})
 DATASETS = ("imagefolder", "fashion-mnist", "digits", "synthetic")
 LABEL_PATHS = ("auto", "second", "fused", "explicit")  # tla_jobs.align.attention.PATHS, without torch
 
@@ -80,10 +90,16 @@ class TrainConfig(BaseModel):
     checkpoint_every_min: float = Field(10.0, ge=0, description="0 = only at epoch ends")
     checkpoint_every_epochs: int = Field(20, ge=0, description="keep checkpoint_epoch{N}.pth every N; 0 = never")
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (smoke runs)")
-    run_dir: str = Field("", description="the run directory of `tla` jobs, for attempt records")
-    max_stalled_attempts: int = Field(0, ge=0, description="give up after this many attempts in a row with no new "
-                                      "step (0 = never); set from the cluster profile")
     step_delay: float = Field(0.0, ge=0, description="sleep after each step (tests that must catch a run mid-epoch)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_retired_keys(cls, data):
+        # run.json files written before 0.4 carry these; the trainer no longer reads them (the stall
+        # limit travels with the job, the run directory is output_dir), so an old run still resumes.
+        if isinstance(data, dict) and RETIRED_KEYS & data.keys():
+            data = {k: v for k, v in data.items() if k not in RETIRED_KEYS}
+        return data
 
     @field_validator("aa")
     @classmethod
