@@ -22,6 +22,11 @@ EVALS_DIR = "evals"  # eval jobs of `tla eval checkpoint`, one JSON each
 SUBMITIT_DIR = "submitit"  # submitit's folder: pickles, sbatch scripts, per-task logs
 LOG_PATTERN = "log_rank{rank}.txt"
 OWNER = "owner.json"  # which attempt owns the run now; an attempt that is no longer it stops writing
+CHECKPOINT_LAST = "checkpoint_last.pth"  # written at every save; what a resumed attempt continues from
+CHECKPOINT_PREV = "checkpoint_prev.pth"  # the one before, kept in case the last is damaged
+CHECKPOINT_BEST = "checkpoint_best.pth"  # the model of the best top-1 epoch
+CHECKPOINT_EPOCH = "checkpoint_epoch{epoch}.pth"  # kept every --checkpoint-every-epochs
+CHECKPOINT_EPOCH_RE = r"checkpoint_epoch(\d+)\.pth"
 
 
 EXIT_INTERRUPTED = 75  # the trainer checkpointed on a signal and stopped; resuming continues the run

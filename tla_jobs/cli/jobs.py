@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from tla_jobs import rundir
 from tla_jobs.cli.app import app, guard
 from tla_jobs.cli.options import with_train_options
 from tla_jobs.errors import TlaError
@@ -115,7 +116,7 @@ def submit_train(
         raise TlaError("--output-dir is not used by `tla submit train`: a submitted run lives in RUNS/NAME "
                        "(set $TLA_RUNS or the profile's runs_root to choose RUNS); --output-dir is for `tla train`")
     run_dir = records.run_dir(name, records.runs_root(profile.runs_root))
-    if (run_dir / "run.json").exists() or (run_dir.exists() and any(run_dir.iterdir())):
+    if (run_dir / rundir.RUN_JSON).exists() or (run_dir.exists() and any(run_dir.iterdir())):
         raise TlaError(f"run {name} already exists in {run_dir.parent}; use `tla resume {name}` or another --name")
     plan = Plan(name, run_dir, profile, [_spec(train_kwargs, run_dir, profile)])
     checks = preflight(plan)
@@ -259,11 +260,11 @@ def eval_checkpoint(
             raise TlaError(f"checkpoint {path} does not exist")
         ckpt = path.resolve()
         run_dir = ckpt.parent
-        if not (run_dir / "run.json").is_file():
+        if not (run_dir / rundir.RUN_JSON).is_file():
             raise TlaError(f"{ckpt} is not inside a tla run directory (no run.json beside it)")
     else:
         run_dir = records.resolve(target)
-        ckpt = run_dir / "checkpoint_last.pth"
+        ckpt = run_dir / rundir.CHECKPOINT_LAST
     record = records.load(run_dir)
     st = collect([run_dir])[0]
     profile = profiles.load(cluster) if cluster else profiles.Profile.model_validate(record["profile"])

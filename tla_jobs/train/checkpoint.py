@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tla_jobs import rundir
 from tla_jobs.errors import CheckpointError
 from tla_jobs.fsutil import _fsync_dir, write_temp
 
 FORMAT = "tla-checkpoint/1"
-LAST, PREV, BEST = "checkpoint_last.pth", "checkpoint_prev.pth", "checkpoint_best.pth"
+LAST, PREV, BEST = rundir.CHECKPOINT_LAST, rundir.CHECKPOINT_PREV, rundir.CHECKPOINT_BEST
 log = logging.getLogger("tla.checkpoint")
 
 
@@ -100,7 +101,7 @@ def candidates(folder: Path) -> list[Path]:
     """Resumable checkpoints of a run, newest first: the last one, then the others by write time."""
     others = [
         folder / PREV,
-        *(p for p in folder.glob("checkpoint_epoch*.pth") if re.fullmatch(r"checkpoint_epoch\d+\.pth", p.name)),
+        *(p for p in folder.glob("checkpoint_epoch*.pth") if re.fullmatch(rundir.CHECKPOINT_EPOCH_RE, p.name)),
     ]
     others = sorted((p for p in others if p.exists()), key=lambda p: p.stat().st_mtime, reverse=True)
     return [p for p in [folder / LAST] if p.exists()] + others

@@ -484,7 +484,7 @@ class Trainer:
         p.epoch, p.step_in_epoch, p.loss_sum, p.loss_count, p.shift_sum, p.shift_count = p.epoch + 1, 0, 0.0, 0, 0.0, 0
         extra = [ckpt.BEST] if is_best else []
         if cfg.checkpoint_every_epochs and p.epoch % cfg.checkpoint_every_epochs == 0:
-            extra.append(f"checkpoint_epoch{p.epoch}.pth")
+            extra.append(rundir.CHECKPOINT_EPOCH.format(epoch=p.epoch))
         self._save(out, parts, p, extra)
         self.runlog.metrics(p.history)
         self.runlog.heartbeat("training", p, steps_per_epoch, lr)
