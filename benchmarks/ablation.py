@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     args = p.parse_args()
 
-    data = ROOT / "data" / f"fmnist-{args.per_class}"
+    data = Path("data") / f"fmnist-{args.per_class}"  # relative to ROOT (tla's cwd), as the docs show it
     tla("data", "prepare", "fashion-mnist", str(data), "--limit", str(args.per_class))
     sweep = ["submit", "sweep", "--name", args.name, "--cluster", "local", "--models", args.model,
              "--arms", args.arms, "--seeds", args.seeds, "--dataset", "fashion-mnist", "--data-path", str(data),
