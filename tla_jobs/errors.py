@@ -1,4 +1,4 @@
-"""The one exception type the CLI turns into a single clear line on stderr (and exit code 2)."""
+"""The exception types the CLI turns into a single clear line on stderr (and exit code 2)."""
 
 
 class TlaError(Exception):
@@ -11,3 +11,7 @@ class DataError(TlaError):
 
 class CheckpointError(TlaError):
     """A checkpoint is missing, damaged, or belongs to another model."""
+
+
+class SubmissionError(TlaError):
+    """The scheduler refused the job (sbatch failed: an unknown account, QOS, a limit, ...)."""

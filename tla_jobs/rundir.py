@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -19,14 +20,37 @@ ATTEMPTS = "attempts.jsonl"  # one line when an attempt starts and one when it e
 SUMMARY = "summary.json"  # written when training finishes
 EVAL = "eval.json"  # written by --eval-only
 EVALS_DIR = "evals"  # eval jobs of `tla eval checkpoint`, one JSON each
-SUBMITIT_DIR = "submitit"  # submitit's folder: pickles, sbatch scripts, per-task logs
-LOG_PATTERN = "log_rank{rank}.txt"
+SUBMITIT_DIR = "submitit"  # submitit's folder: pickles, sbatch scripts, per-task logs (named by submitit's JobPaths)
+CONTROLLER_LOG = "controller.log"  # in a submitit folder: the output of the local executor's controller
+LOG_PATTERN = "log_rank{rank}.txt"  # the trainer's log of each rank
+LOG_GLOB = "log_rank*.txt"
+LOG_RE = r"log_rank(\d+)\.txt"
+SWEEP_DIR = ".sweep-{name}"  # in a runs root: the submitit folder of a sweep's job array
 OWNER = "owner.json"  # which attempt owns the run now; an attempt that is no longer it stops writing
 CHECKPOINT_LAST = "checkpoint_last.pth"  # written at every save; what a resumed attempt continues from
 CHECKPOINT_PREV = "checkpoint_prev.pth"  # the one before, kept in case the last is damaged
 CHECKPOINT_BEST = "checkpoint_best.pth"  # the model of the best top-1 epoch
 CHECKPOINT_EPOCH = "checkpoint_epoch{epoch}.pth"  # kept every --checkpoint-every-epochs
 CHECKPOINT_EPOCH_RE = r"checkpoint_epoch(\d+)\.pth"
+
+
+def sweep_dir(root: Path, name: str) -> Path:
+    return root / SWEEP_DIR.format(name=name)
+
+
+def eval_dir(run_dir: Path, eval_id: str) -> Path:
+    """Where an eval job of `tla eval checkpoint` writes its eval.json."""
+    return run_dir / EVALS_DIR / eval_id
+
+
+def rank_logs(run_dir: Path) -> dict[int, Path]:
+    """The trainer's per-rank logs of a run, by rank."""
+    out = {}
+    for p in run_dir.glob(LOG_GLOB):
+        m = re.fullmatch(LOG_RE, p.name)
+        if m:
+            out[int(m.group(1))] = p
+    return dict(sorted(out.items()))
 
 
 EXIT_INTERRUPTED = 75  # the trainer checkpointed on a signal and stopped; resuming continues the run

@@ -60,18 +60,43 @@ def train_parameters() -> list[inspect.Parameter]:
     return params
 
 
-def with_train_options(fn):
-    """Append the trainer options to ``fn``'s own; ``fn`` receives them as ``train_kwargs``."""
-    own = [p for p in inspect.signature(fn).parameters.values() if p.name != "train_kwargs"]
-    names = set(TrainConfig.model_fields)
+def _with_options(fn, params: list[inspect.Parameter], into: str, after: str | None = None):
+    """``fn`` with ``params`` added to its own options (after its option ``after``, else at the end);
+    ``fn`` receives their values as one dict argument named ``into``."""
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(fn).parameters.values()
+           if p.name != into]
+    names = {p.name for p in params}
+    at = next((i + 1 for i, p in enumerate(own) if p.name == after), len(own))
 
     @functools.wraps(fn)
     def wrapper(**kwargs):
-        train_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-        return fn(**kwargs, train_kwargs=train_kwargs)
+        values = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        return fn(**kwargs, **{into: values})
 
-    wrapper.__signature__ = inspect.Signature(
-        [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + train_parameters()
-    )
+    wrapper.__signature__ = inspect.Signature(own[:at] + params + own[at:])
     del wrapper.__wrapped__  # inspect.signature must see the new signature, not fn's
     return wrapper
+
+
+def with_train_options(fn):
+    """Append the trainer options to ``fn``'s own; ``fn`` receives them as ``train_kwargs``."""
+    return _with_options(fn, train_parameters(), "train_kwargs")
+
+
+# Resource overrides of `submit train`, `submit sweep` and `resume`: (parameter, flag, help); the values
+# are checked by the profile model, which gives bad ones a one-line error.
+RESOURCES = [
+    ("nodes", int, "--nodes", "Override the profile's node count."),
+    ("gpus_per_node", int, "--gpus-per-node", "Override the profile's GPUs per node."),
+    ("tasks_per_node", int, "--tasks-per-node", "Override tasks (ranks) per node."),
+    ("time_min", int, "--time", "Override the time limit of one attempt (minutes)."),
+    ("partition", str, "--partition", "Override the SLURM partition."),
+]
+
+
+def with_resource_options(fn):
+    """Add the resource overrides after ``fn``'s --cluster; ``fn`` receives them as ``overrides``."""
+    params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann,
+                                default=typer.Option(None, flag, help=help_text))
+              for name, ann, flag, help_text in RESOURCES]
+    return _with_options(fn, params, "overrides", after="cluster")

@@ -30,7 +30,7 @@ def _timed_out(attempt: dict, time_min: int) -> bool:
 
 def preemptions(run_dir: Path, job_id: str, time_min: int) -> int:
     """Attempts of this job that were followed by another one and did not end at the time limit."""
-    from tla_jobs.jobs.state import attempts_of
+    from tla_jobs.jobs.attempts import attempts_of
 
     mine = [a for a in attempts_of(run_dir) if str(a["start"].get("job_id", "")) == job_id]
     return sum(1 for a in mine if not _timed_out(a, time_min))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tla_jobs.errors import TlaError
+from tla_jobs.jobs.commands import run
 
 ENGINES = ("docker", "podman", "buildah")
 # Keep in step with the Dockerfile's `ARG BASE_IMAGE=` (a unit test checks that they agree).
@@ -47,12 +48,8 @@ class Plan:
 
 def _docker_answers(exe: str) -> bool:
     """A docker client is only an engine when a daemon answers it."""
-    try:
-        proc = subprocess.run([exe, "version", "--format", "{{.Server.Version}}"], capture_output=True,
-                              text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return proc.returncode == 0 and bool(proc.stdout.strip())
+    proc = run([exe, "version", "--format", "{{.Server.Version}}"], timeout=20)
+    return proc is not None and proc.returncode == 0 and bool(proc.stdout.strip())
 
 
 def find_engine(preferred: str | None = None, path: str | None = None) -> str:
@@ -96,17 +93,11 @@ def source_version(context: Path) -> str:
 
 def git_commit(context: Path) -> str:
     """HEAD of the context's git checkout, with "-dirty" when tracked files differ; "unknown" without git."""
-    git = shutil.which("git")
-    if not git:
+    head = run(["git", "-C", str(context), "rev-parse", "HEAD"], timeout=30)
+    if head is None or head.returncode != 0:
         return "unknown"
-    try:
-        head = subprocess.run([git, "-C", str(context), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=30)
-        if head.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run([git, "-C", str(context), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
+    dirty = run(["git", "-C", str(context), "status", "--porcelain", "--untracked-files=no"], timeout=60)
+    if dirty is None:
         return "unknown"
     return head.stdout.strip() + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 

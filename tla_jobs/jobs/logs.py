@@ -20,7 +20,7 @@ STAMP = re.compile(r"^(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})")
 
 
 def files(run: Path, rank: int | None = None) -> list[Path]:
-    out = sorted(run.glob("log_rank*.txt")) if rank is None else [run / rundir.LOG_PATTERN.format(rank=rank)]
+    out = sorted(rundir.rank_logs(run).values()) if rank is None else [run / rundir.LOG_PATTERN.format(rank=rank)]
     record = damage.record(run)[0] or {}  # a damaged run.json: the trainer's own logs still show
     jobs = record.get("submissions", []) + record.get("evals", [])
     folders = {run / rundir.SUBMITIT_DIR} | {Path(s["submitit_folder"]) for s in jobs if s.get("submitit_folder")}
@@ -30,10 +30,17 @@ def files(run: Path, rank: int | None = None) -> list[Path]:
         for sub in jobs:  # only this run's jobs: a sweep's folder holds every element's logs
             if folder == run / rundir.SUBMITIT_DIR and not sub.get("submitit_folder") or \
                     str(folder) == sub.get("submitit_folder"):
-                task = "*" if rank is None else str(rank)
-                out += sorted(folder.glob(f"{sub['job_id']}_{task}_log.*"))
+                out += _submitit_logs(folder, str(sub["job_id"]), rank)
     seen: set[Path] = set()
     return [p for p in out if p.is_file() and not (p in seen or seen.add(p))]
+
+
+def _submitit_logs(folder: Path, job_id: str, rank: int | None) -> list[Path]:
+    """submitit's stdout and stderr of the job's task ``rank`` (None: every task), named by its JobPaths."""
+    from submitit.core.utils import JobPaths
+
+    paths = JobPaths(folder, job_id, "*" if rank is None else rank)  # a task id of "*" names them all, as a glob
+    return sorted({*folder.glob(paths.stdout.name), *folder.glob(paths.stderr.name)})
 
 
 def world_size(run: Path) -> int | None:
@@ -45,7 +52,7 @@ def world_size(run: Path) -> int | None:
     subs = (damage.record(run)[0] or {}).get("submissions") or []
     if subs and isinstance(subs[-1].get("nodes", 1), int) and isinstance(subs[-1].get("tasks_per_node", 1), int):
         known.append(subs[-1].get("nodes", 1) * subs[-1].get("tasks_per_node", 1))
-    ranks = [int(m.group(1)) for p in run.glob("log_rank*.txt") if (m := re.fullmatch(r"log_rank(\d+)\.txt", p.name))]
+    ranks = list(rundir.rank_logs(run))
     if ranks:
         known.append(max(ranks) + 1)
     return max(known) if known else None
@@ -70,15 +77,16 @@ def _read(p: Path) -> list[str]:
 def merged(run: Path, rank: int | None = None) -> list[str]:
     """Trainer lines in time order (they carry timestamps and rank tags), then scheduler/submitit output.
 
-    The trainer writes each line both to log_rank{N}.txt and to stderr, which submitit keeps in
+    The trainer writes each line both to its rank's log (rundir.LOG_PATTERN) and to stderr, which submitit keeps in
     its task's .err file: such a line is shown once, from the trainer's log."""
     paths = files(run, rank)
+    trainer_logs = set(rundir.rank_logs(run).values())
     stamped = []
     for p in paths:
-        if p.name.startswith("log_rank"):
+        if p in trainer_logs:
             stamped += [(m.group(1), line) for line in _read(p) if (m := STAMP.match(line))]
     trainer = {line for _, line in stamped}
-    other = [f"[{p.name}] {line}" for p in paths if not p.name.startswith("log_rank")
+    other = [f"[{p.name}] {line}" for p in paths if p not in trainer_logs
              for line in _read(p) if line not in trainer]
     return [line for _, line in sorted(stamped, key=lambda x: x[0])] + other
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,13 +59,10 @@ def run_dir(name: str, root: Path | None = None) -> Path:
 
 
 def git_commit() -> str:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
+    from tla_jobs.jobs.commands import run
+
+    out = run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short=12", "HEAD"], timeout=5)
+    return out.stdout.strip() if out is not None and out.returncode == 0 else ""
 
 
 def create(path: Path, record: dict) -> None:

@@ -47,7 +47,7 @@ def rows(statuses: list[RunStatus], paper: bool = False) -> list[dict]:
         ev = _latest_eval(st) or {}
         row = {
             "run": st.name, "state": st.state, "model": spec.get("model", ""),
-            "mixing": _mixing(spec), "epochs": f"{st.epoch}/{spec.get('epochs', '?')}",
+            "mixing": _mixing(st), "epochs": f"{st.epoch}/{spec.get('epochs', '?')}",
             "best_acc1": best.get("acc1"), "best_acc5": best.get("acc5"), "last_acc1": last.get("acc1"),
             "last_acc5": last.get("acc5"), "eval_acc1": ev.get("acc1"), "eval_acc5": ev.get("acc5"),
             "gpu_hours": round(st.gpu_hours, 3),
@@ -97,7 +97,11 @@ def with_std(table: list[dict]) -> list[dict]:
     return out
 
 
-def _mixing(spec: dict) -> str:
+def _mixing(st: RunStatus) -> str:
+    """The run's mixing as its summary.json names it; before there is one, as its spec would."""
+    if isinstance((st.summary or {}).get("mixing"), str):
+        return st.summary["mixing"]
+    spec = st.spec
     if not spec:
         return ""
     from tla_jobs.config import TrainConfig
@@ -108,7 +112,7 @@ def _mixing(spec: dict) -> str:
         return "tl-align" if spec.get("tl_align") else "?"
 
 
-def _fmt(v) -> str:
+def fmt(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -119,7 +123,7 @@ def _fmt(v) -> str:
 def as_markdown(table: list[dict]) -> str:
     cols = list(table[0].keys()) if table else COLUMNS
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in table]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in table]
     return "\n".join(lines) + "\n"
 
 
@@ -150,7 +154,7 @@ def plot(statuses: list[RunStatus], out: Path, by_arm: bool = False) -> Path:
         groups: dict[str, list[list[float]]] = {}
         for st in statuses:
             if st.metrics:
-                key = f"{st.spec.get('model', '')} {_mixing(st.spec)}"
+                key = f"{st.spec.get('model', '')} {_mixing(st)}"
                 groups.setdefault(key, []).append([m["acc1"] for m in st.metrics])
         for key, curves in sorted(groups.items()):
             n = min(len(c) for c in curves)
@@ -164,7 +168,7 @@ def plot(statuses: list[RunStatus], out: Path, by_arm: bool = False) -> Path:
         for st in statuses:
             if st.metrics:
                 ax.plot([m["epoch"] + 1 for m in st.metrics], [m["acc1"] for m in st.metrics], marker="o", ms=3,
-                        label=f"{st.name} ({_mixing(st.spec)})")
+                        label=f"{st.name} ({_mixing(st)})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("val top-1 (%)")
     ax.set_title("Validation top-1 per epoch")

@@ -1,0 +1,72 @@
+"""The two places where submitit's public API falls short, as subclasses of its public executors.
+
+Everything else goes through submitit's public API (``SlurmExecutor``/``LocalExecutor``,
+``update_parameters``, ``submit``, ``map_array``, ``JobPaths``). tests/test_submitit_versions.py
+renders and submits through these classes with every submitit release pyproject allows.
+
+- ``DetachedLocalExecutor``: submitit's local executor starts its controller with a bare
+  ``subprocess.Popen`` in ``start_controller``: in the session of `tla submit` (a Ctrl-C in that
+  terminal would kill the training) and with its stdout/stderr (a caller reading `tla submit`'s
+  output through a pipe would wait for the whole job). No parameter changes either, so this class
+  overrides ``_submit_command``, the hook ``LocalExecutor`` itself overrides for exactly this
+  ("the implementation is simpler than for clusters"), and starts the same controller with the
+  same ``SUBMITIT_LOCAL_*`` environment, in a new session, output to a log file. It also takes
+  extra environment variables for the job (the thread count of each element of a local sweep).
+- ``SlurmScriptExecutor``: a dry run shows the very sbatch script submitit would submit, on a
+  machine without SLURM (a laptop preparing a submission). ``SlurmExecutor.__init__`` refuses to
+  build where ``srun`` is missing: ``affinity`` (public) says it is available here. ``script()``
+  renders submitit's own template with ``_make_submission_file_text``, the method submitit's
+  executors implement for exactly this (documented on ``PicklingExecutor``), and the command
+  ``SlurmExecutor`` submits: it submits nothing and writes no file.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import submitit
+
+
+class DetachedLocalExecutor(submitit.LocalExecutor):
+    def __init__(self, folder: Path, log: Path, env: dict[str, str] | None = None):
+        super().__init__(folder)
+        self.log = log
+        self.env = dict(env or {})
+
+    def _submit_command(self, command: str) -> submitit.LocalJob:
+        # The same controller as submitit's start_controller (python -m submitit.local._local FOLDER, its
+        # SUBMITIT_LOCAL_* variables), started in its own session with no inherited stdio.
+        ntasks = self.parameters.get("tasks_per_node", 1)
+        gpus = self.parameters.get("visible_gpus", ()) or range(self.parameters.get("gpus_per_node", 0))
+        env = {**os.environ, **self.env,
+               "SUBMITIT_LOCAL_NTASKS": str(ntasks), "SUBMITIT_LOCAL_COMMAND": command,
+               "SUBMITIT_LOCAL_TIMEOUT_S": str(int(60 * self.parameters.get("timeout_min", 2.0))),
+               "SUBMITIT_LOCAL_SIGNAL_DELAY_S": str(int(self.parameters.get("signal_delay_s", 30))),
+               "SUBMITIT_LOCAL_NODEID": "0", "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
+               "SUBMITIT_STDERR_TO_STDOUT": "1" if self.parameters.get("stderr_to_stdout") else "",
+               "SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_WITH_SHELL": "",  # no setup lines: no shell
+               "CUDA_VISIBLE_DEVICES": ",".join(str(k) for k in list(gpus)[:self.parameters.get("gpus_per_node", 0)])}
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            process = subprocess.Popen([sys.executable, "-m", "submitit.local._local", str(self.folder)], env=env,
+                                       start_new_session=True, stdin=subprocess.DEVNULL, stdout=out,
+                                       stderr=subprocess.STDOUT)
+        return submitit.LocalJob(folder=self.folder, job_id=str(process.pid), process=process,
+                                 tasks=list(range(ntasks)))
+
+
+class SlurmScriptExecutor(submitit.SlurmExecutor):
+    @classmethod
+    def affinity(cls) -> int:
+        return 1  # a dry run needs no srun here
+
+    def script(self, array_size: int | None = None) -> str:
+        """The sbatch script ``submit`` (one job) or ``map_array`` (``array_size`` elements) would submit."""
+        if array_size:
+            self.parameters["map_count"] = array_size  # as SlurmExecutor sets it for an array
+        command = " ".join([self.python, "-u -m submitit.core._submit", shlex.quote(str(self.folder))])
+        return self._make_submission_file_text(command, uid="dry-run")

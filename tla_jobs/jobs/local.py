@@ -1,0 +1,152 @@
+"""The local executor's jobs as processes: a job id is the PID of submitit's controller, told apart
+from a later process with the same PID by its start time and the boot; its state from the process
+table and submitit's result pickle; cancelling it (TERM, then INT, then KILL of its group)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from tla_jobs import rundir
+from tla_jobs.jobs import pickles
+from tla_jobs.jobs.scheduler import JobRecord
+
+KILL_WAIT_S = 10.0  # like SLURM's KillWait: time to checkpoint on SIGTERM before the job is stopped harder
+MAX_ATTEMPTS = 6  # submitit's local controller restarts a requeued task up to 6 times
+
+
+def executor(profile, folder: Path, name: str, env: dict[str, str] | None = None):
+    """submitit's local executor for this profile, whose controller outlives `tla` (executors.py)."""
+    from tla_jobs.jobs.executors import DetachedLocalExecutor
+
+    ex = DetachedLocalExecutor(folder, log=folder / rundir.CONTROLLER_LOG, env=env)
+    ex.update_parameters(timeout_min=profile.local.timeout_min, tasks_per_node=profile.local.tasks, nodes=1,
+                         name=name)
+    return ex
+
+
+def sweep_env(elements: int, tasks: int) -> dict[str, str]:
+    """submitit's local executor starts every element of an array at once: share this machine's cores
+    between them instead of giving each all of them (24 threads on 2 cores run slower than 2)."""
+    return {"TLA_CPU_THREADS": str(max(1, (os.cpu_count() or 1) // (elements * tasks)))}
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (whose parentheses may hold spaces): field 3 onwards."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process_start(pid: int) -> int | None:
+    """When the process started (field 22 of /proc/PID/stat, clock ticks since boot); None when gone."""
+    fields = _stat_fields(pid)
+    try:
+        return int(fields[19]) if fields else None
+    except (IndexError, ValueError):
+        return None
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def identity(pid: int) -> dict:
+    """What tells this process apart from a later one that gets the same PID: its start time and
+    the boot. Stored with every local submission."""
+    return {"pid_start": process_start(pid), "boot_id": boot_id()}
+
+
+def folder_of(entry: dict, run_dir: Path) -> Path:
+    """The submitit folder of a job of the run (a sweep's element has the sweep's)."""
+    return Path(entry.get("submitit_folder") or run_dir / rundir.SUBMITIT_DIR)
+
+
+def alive(entry: dict, folder: Path) -> bool:
+    """Is the local job's controller (submitit's, PID = job id) still the process that was
+    started? PIDs wrap: a bare PID may name any later process. The start time (and boot) recorded
+    at submission must match; records without one need the controller's command line, which names
+    its submitit folder."""
+    job_id = str(entry.get("job_id", ""))
+    if not job_id.isdigit():
+        return False
+    pid = int(job_id)
+    fields = _stat_fields(pid)
+    if not fields or fields[0] in ("Z", "X"):  # gone, or a zombie (exited, not reaped)
+        return False
+    if entry.get("pid_start") is not None:
+        same_boot = not entry.get("boot_id") or entry["boot_id"] == boot_id()
+        return same_boot and process_start(pid) == entry["pid_start"]
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(b"submitit" in part for part in cmdline) and str(folder).encode() in cmdline
+
+
+def state(entry: dict, folder: Path) -> JobRecord:
+    """The job's state from the process table, and submitit's result once the process is gone."""
+    job_id = str(entry.get("job_id", ""))
+    outcome = pickles.outcome(folder, job_id)
+    if alive(entry, folder):
+        st = "RUNNING"
+    elif outcome == "success":
+        st = "COMPLETED"
+    elif outcome == "error":
+        st = "FAILED"
+    else:
+        st = "ENDED"  # gone without a result: killed, cancelled or crashed
+    return JobRecord(job_id, st, "process table")
+
+
+def cancel(entries: list[dict], run_dir: Path, kill_wait_s: float = KILL_WAIT_S) -> list[str]:
+    """Stop these local jobs, each only while its controller is the very process that was started:
+    SIGTERM (forwarded to the tasks, which checkpoint), after ``kill_wait_s`` SIGINT (submitit then
+    kills its tasks) and finally SIGKILL of its process group. A task still starting up ignores
+    SIGTERM (submitit's handler only logs it). Returns the ids signalled."""
+    live = [e for e in entries if alive(e, folder_of(e, run_dir))]
+
+    def still(e):
+        return alive(e, folder_of(e, run_dir))
+
+    def send(sig, group=False):
+        for e in live:
+            if still(e):
+                pid = int(e["job_id"])
+                try:
+                    if group and os.getpgid(pid) == pid:
+                        os.killpg(pid, sig)  # the controller leads its own session
+                    else:
+                        os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    send(signal.SIGTERM)
+    for sig, wait in ((signal.SIGINT, kill_wait_s), (signal.SIGKILL, 5.0)):
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(still(e) for e in live):
+            time.sleep(0.2)
+        if not any(still(e) for e in live):
+            break
+        send(sig, group=sig == signal.SIGKILL)
+    return [str(e["job_id"]) for e in live]
+
+
+def signal_trainer(run_dir: Path, beat: dict, sig: str) -> None:
+    """Send SIG``sig`` to the run's trainer process, named by its live heartbeat."""
+    from tla_jobs.errors import TlaError
+
+    pid = beat.get("pid")
+    if not isinstance(pid, int) or pid <= 1 or beat.get("phase") not in ("training", "evaluating"):
+        raise TlaError(f"run {run_dir.name} is not training (no live heartbeat)")
+    try:
+        os.kill(pid, getattr(signal, f"SIG{sig}"))
+    except ProcessLookupError:
+        raise TlaError(f"the trainer process {pid} of {run_dir.name} is gone") from None

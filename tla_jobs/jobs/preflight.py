@@ -1,0 +1,91 @@
+"""Checks made before anything is queued: the script's values, the data, the model, the runs root
+and, for SLURM, the cluster itself (slurm.checks). What would otherwise fail on the cluster after
+waiting in the queue."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tla_jobs.errors import TlaError
+from tla_jobs.jobs import sbatch, slurm
+from tla_jobs.jobs.plan import Check, Plan
+
+
+def preflight(plan: Plan) -> list[Check]:
+    """Checks that need no job: the model exists, the data is there, the cluster answers (also
+    stored in ``plan.checks``)."""
+    from tla_jobs.data.folders import check_image_folder
+
+    # first: a value that would break the batch script is refused outright, not reported as a check
+    sbatch.check_script_values(plan.profile, [str(plan.run_dir.parent), *(s.get("data_path", "") for s in plan.specs)],
+                               plan.name)
+    checks: list[Check] = []
+    seen_data = set()
+    for spec in plan.specs:
+        data = spec.get("data_path", "")
+        if data in seen_data:
+            continue
+        seen_data.add(data)
+        if spec.get("dataset", "imagefolder") != "imagefolder" and not (Path(data) / ".tla-dataset").is_file():
+            checks.append(Check("data", True, f"{spec['dataset']} will be prepared into {data} on first use"))
+            continue
+        train, val = check_image_folder(data)  # images verified: all of a split up to 100k, else a sample
+        checks.append(Check("data", True, f"{data}: {len(train.classes)} classes, {train.size} train / "
+                                          f"{val.size} val images"))
+        # what the trainer would refuse once its ranks have met: too few images for one global batch,
+        # fewer classes than class folders
+        if train.size < spec.get("batch_size", 1) * plan.ranks:
+            checks.append(Check("batch", False, f"--batch-size {spec.get('batch_size')} x {plan.ranks} rank(s) is "
+                                                f"more than the {train.size} training images"))
+        if spec.get("num_classes") and spec["num_classes"] < len(train.classes):
+            checks.append(Check("classes", False, f"--num-classes {spec['num_classes']} is fewer than the "
+                                                  f"{len(train.classes)} class folders"))
+    checks.append(model_check(plan.specs))
+    checks.append(runs_root_check(plan.run_dir.parent, create=False))
+    if plan.profile.executor == "slurm":
+        py, why = sbatch.node_python(plan.profile)
+        checks.append(Check("python on the nodes", True, f"{py} ({why})"))
+        checks += slurm.checks(plan.profile)
+    plan.checks = checks
+    return checks
+
+
+def runs_root_check(root: Path, create: bool) -> Check:
+    """Can runs be written under ``root``? With ``create`` it is made (`tla cluster check`); a dry
+    run creates nothing and asks of the nearest folder that exists."""
+    if create:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            ok = os.access(root, os.W_OK)
+        except OSError:
+            ok = False
+    else:
+        existing = next((p for p in (root, *root.parents) if p.exists()), root)
+        ok = existing.is_dir() and os.access(existing, os.W_OK)  # access() says EROFS for root too
+    return Check("runs root", ok, f"{root} {'writable' if ok else 'not writable'}")
+
+
+def model_check(specs: list[dict]) -> Check:
+    """The trainer's own model checks (TL-Align support, input size, a meta-device forward) for each
+    distinct spec: what would otherwise fail on the cluster after waiting in the queue."""
+    from tla_jobs.train.preflight import check_spec
+
+    seen: set[str] = set()
+    for spec in specs:
+        key = repr(sorted((k, v) for k, v in spec.items() if k not in ("seed", "output_dir", "run_dir")))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_spec(spec)
+        except TlaError as exc:
+            return Check("model", False, str(exc))
+    return Check("model", True, ", ".join(sorted({s["model"] for s in specs})))
+
+
+def refuse_failed(checks: list[Check]) -> None:
+    """A failed check stops the submission (and makes a dry run exit non-zero): one line, the first."""
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        raise TlaError(f"preflight failed: {bad[0].name}: {bad[0].detail}")
