@@ -17,11 +17,11 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_tla
+from conftest import run_tla
+from helpers_jobs import PROFILES, tla
 
 from tla_jobs.rundir import metrics_summary
 
-PROFILES = ROOT / "tests" / "profiles"
 JOB = "4999999"  # a local job id that is no live process: a run whose job has ended
 
 
@@ -80,10 +80,6 @@ def world(tmp_path):
     env = {"TLA_RUNS": str(root), "TLA_CLUSTER_CONFIGS": str(tmp_path / "profiles")}
     (tmp_path / "profiles").mkdir()
     return root, env
-
-
-def tla(env, *args, **kw):
-    return run_tla(*args, env=env, cwd=Path(env["TLA_RUNS"]).parent, **kw)
 
 
 def assert_others_readable(env) -> None:

@@ -12,26 +12,16 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import FAST, assert_clean_error, run_tla, wait_for
-
-PROFILES = Path(__file__).parent / "profiles"
+from conftest import FAST, assert_clean_error, wait_for
+from helpers_jobs import PROFILES, status, tla
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     runs = tmp_path_factory.mktemp("ctl") / "runs"
     return {"TLA_RUNS": str(runs), "TLA_CLUSTER_CONFIGS": str(PROFILES), "runs": runs}
-
-
-def tla(env, *args, **kw):
-    return run_tla(*args, env={k: v for k, v in env.items() if k != "runs"}, **kw)
-
-
-def status(env, run) -> dict:
-    return json.loads(tla(env, "status", run, "--json", check=True).stdout)[0]
 
 
 def alive(pid: int) -> bool:

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT, assert_clean_error, run_tla
+from conftest import FAST, ROOT, assert_clean_error
+from helpers_jobs import PROFILES, status, tla
 
 pytestmark = [pytest.mark.slurm]
 CLUSTER = ROOT / "tests" / "slurm_cluster" / "cluster.sh"
-PROFILES = ROOT / "tests" / "profiles"
 STATE = os.environ.get("TLA_SLURM_STATE", "/var/tmp/tla-slurm")
 
 
@@ -41,14 +41,6 @@ def cluster():
 def env(tmp_path, cluster):
     runs = tmp_path / "runs"
     return {"TLA_RUNS": str(runs), "TLA_CLUSTER_CONFIGS": str(PROFILES), "runs": runs}
-
-
-def tla(env, *args, **kw):
-    return run_tla(*args, env={k: v for k, v in env.items() if k != "runs"}, **kw)
-
-
-def status(env, run) -> dict:
-    return json.loads(tla(env, "status", run, "--json", check=True).stdout)[0]
 
 
 def wait_state(env, run, states, timeout=240) -> dict:
@@ -501,3 +493,11 @@ def test_hostile_values_reach_no_shell_and_control_characters_are_refused(env, d
             assert_clean_error(proc, fragment)
     assert not (env["runs"] / "nl").exists() and not marker.exists()
     assert set(sh("squeue", "-h", "-o", "%i").stdout.split()) <= set(queued)  # nothing new was queued
+
+
+def test_a_job_sbatch_refuses_is_one_line_and_leaves_no_run(env, digits, tmp_path):
+    """sbatch itself refuses the job (GPUs of a cluster that has none): one line, no run left."""
+    proc = tla(env, "submit", "train", "--name", "gres", "--cluster", "testslurm", "--gpus-per-node", "1", *FAST,
+               "--data-path", digits, "--epochs", "1")
+    assert_clean_error(proc, "the job was not queued")
+    assert "gres" in proc.stderr.lower() and not (env["runs"] / "gres").exists()
