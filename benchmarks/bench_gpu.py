@@ -124,10 +124,10 @@ def section_precision(args, rows: list, run: Path | None) -> None:
 
     from tla_jobs.align import aligned_forward, token_cutmix
     from tla_jobs.config import TrainConfig
-    from tla_jobs.data.device import DeviceTransform
     from tla_jobs.data.loaders import eval_loader
     from tla_jobs.train import checkpoint as ckpt
     from tla_jobs.train.models import build_model, model_input_size, model_patch_size
+    from tla_jobs.train.setup import normalise
 
     if run is None or not (run / ckpt.LAST).exists():
         rows.append(("bf16 vs float64 weights", "skipped", {"why": "no trained checkpoint"}))
@@ -140,10 +140,7 @@ def section_precision(args, rows: list, run: Path | None) -> None:
     size, patch = model_input_size(model), model_patch_size(model)
     cfg = TrainConfig(model=payload["model_name"], batch_size=args.batch, workers=min(args.workers, 4))
     _, loader = eval_loader(cfg, Path(args.data), size, 0, 1)
-    from timm.data import resolve_model_data_config
-
-    dc = resolve_model_data_config(model)
-    transform = DeviceTransform(dev, dc["mean"], dc["std"])
+    transform = normalise(model, dev)
     diffs, shifts, n = [], [], 0
     with torch.no_grad():
         for i, (images, _) in enumerate(loader):

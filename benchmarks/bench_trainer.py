@@ -30,7 +30,6 @@ def warm_steps(steps_per_epoch: int) -> int:
 
 
 def bare(args, device: torch.device) -> float:
-    from timm.data import resolve_model_data_config
     from timm.loss import SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
     from torch.utils.data import DataLoader
@@ -39,9 +38,9 @@ def bare(args, device: torch.device) -> float:
     from tla_jobs.align import AlignedModel, mixed_targets, token_cutmix
     from tla_jobs.align.attention import resolve_path
     from tla_jobs.config import TrainConfig
-    from tla_jobs.data.device import DeviceTransform
     from tla_jobs.data.loaders import build_transforms
     from tla_jobs.train.models import build_model, model_input_size, model_patch_size
+    from tla_jobs.train.setup import normalise
 
     cfg = TrainConfig(**common_config(args))
     train_dir = Path(args.data) / "train"
@@ -53,8 +52,7 @@ def bare(args, device: torch.device) -> float:
     loader = DataLoader(ImageFolder(str(train_dir), tf), batch_size=args.batch, shuffle=True, drop_last=True,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
                         persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
-    dc = resolve_model_data_config(model)
-    transform = DeviceTransform(device, dc["mean"], dc["std"], cfg.reprob)
+    transform = normalise(model, device, cfg.reprob)
     opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05,
                               **({"fused": True} if device.type == "cuda" else {}))
     net = AlignedModel(model, path=resolve_path("auto", device))

@@ -29,7 +29,7 @@ HOST_SIDE = (f"{os.sep}tla_jobs{os.sep}data{os.sep}", f"{os.sep}align{os.sep}cut
 
 class SyncCounter:
     """Counts the synchronising calls that the trainer's own code makes inside the training loop's
-    steps (Trainer._epochs), by wrapping those Tensor methods for the test. Left out: checkpoint
+    steps (loop.train_one_epoch), by wrapping those Tensor methods for the test. Left out: checkpoint
     writes and the end of an epoch (once per checkpoint or epoch, not per step), calls made inside
     torch itself (the optimizer's CPU step counters, the loader's seeds), and the host-side data code
     (tla_jobs/data; align/cutmix.py's draws from the CPU mixing generator), whose tensors are on
@@ -49,8 +49,8 @@ class SyncCounter:
                 while frame is not None:
                     names.add(frame.f_code.co_name)
                     frame = frame.f_back
-                if "_epochs" in names and not names & {"_save", "_end_epoch"}:
-                    inside = "in check" if "_check" in names else "outside check"
+                if "train_one_epoch" in names and not names & {"save", "end_epoch"}:
+                    inside = "in check" if "check" in names else "outside check"
                     self.calls.append(f"{Path(where).name}:{caller.f_lineno} {method.__name__} {inside}")
             return method(tensor, *args, **kwargs)
 
@@ -71,13 +71,14 @@ def _cfg(digits, out, **kw) -> TrainConfig:
 
 
 def test_training_synchronises_per_check_not_per_step(digits, tmp_path, monkeypatch):
-    from tla_jobs.train.loop import Trainer
+    from tla_jobs.train.loop import train
 
     # Checks come about every 2 s; a loaded 2-core machine makes steps slow enough that 2 s
     # is a few steps, so the interval is widened here to see what the loop itself does per step.
     monkeypatch.setattr("tla_jobs.train.loop.CHECK_EVERY_S", 30.0)
+    monkeypatch.setenv("PYTHONHASHSEED", "0")  # what train() sets for its process
     counter = SyncCounter(monkeypatch)
-    summary = Trainer(_cfg(digits, tmp_path / "run", epochs=2, checkpoint_every_min=0)).run()
+    summary = train(_cfg(digits, tmp_path / "run", epochs=2, checkpoint_every_min=0))
     steps = summary["global_step"]
     assert steps >= 80
     # The loop reads the device once per check (about every 2 s), so the count is far below

@@ -4,6 +4,11 @@ Each checkpoint ``X.pth`` has ``X.pth.sha256`` beside it. Writes go to a tempora
 and are renamed into place; ``checkpoint_last.pth`` keeps its predecessor as ``checkpoint_prev.pth``
 so a damaged last one still leaves a good one to resume from. Loading checks the hash and uses
 ``torch.load(weights_only=True)``: a checkpoint is data, never code.
+
+The trainer's side is at the end: :func:`save` (every rank's RNG, rank 0 writes) and
+:func:`resume` / :func:`find` (the checkpoint to continue from or evaluate, checked to be this model).
+timm's CheckpointSaver is not used: it writes with a plain torch.save (no sha256, no fsync, no
+atomic rename of the hash with the data) and keeps its own history naming, not rundir's.
 """
 
 from __future__ import annotations
@@ -12,21 +17,27 @@ import hashlib
 import io
 import logging
 import os
-import random
 import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
-from tla_jobs import rundir
+from tla_jobs import __version__, rundir
 from tla_jobs.errors import CheckpointError
 from tla_jobs.fsutil import _fsync_dir, write_temp
+from tla_jobs.train import distributed as tdist
+from tla_jobs.train import rng
+from tla_jobs.train.progress import Progress
+from tla_jobs.train.step import Models, Optimization
 
 FORMAT = "tla-checkpoint/1"
 LAST, PREV, BEST = rundir.CHECKPOINT_LAST, rundir.CHECKPOINT_PREV, rundir.CHECKPOINT_BEST
 log = logging.getLogger("tla.checkpoint")
+
+if TYPE_CHECKING:
+    from tla_jobs.train.setup import Run
 
 
 def _sidecar(path: Path) -> Path:
@@ -133,53 +144,99 @@ def remove_orphans(folder: Path) -> list[Path]:
     return gone
 
 
-# ---- what a checkpoint holds besides weights: RNG streams, and the whole training state ----------
+# ---- what a checkpoint holds: identity, every stateful piece, progress, RNG of all ranks ---------
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), int(n[2]), int(n[3]), float(n[4])))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def payload(meta: dict, model, optimizer, scheduler, scaler, ema, progress: dict, rng: list) -> dict:
-    """A checkpoint's contents: identity (``meta``), every stateful piece, progress and RNG of all ranks."""
+def payload(meta: dict, models: Models, opt: Optimization, progress: dict, rng_states: list) -> dict:
     return {
         "format": FORMAT,
         **meta,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "ema": ema.module.state_dict() if ema is not None else None,
+        "model": models.model.state_dict(),
+        "optimizer": opt.optimizer.state_dict(),
+        "scheduler": opt.scheduler.state_dict(),
+        "scaler": opt.backward.state_dict(),  # None without fp16's loss scaling
+        "ema": models.ema.module.state_dict() if models.ema is not None else None,
         **progress,
-        "rng": rng,
+        "rng": rng_states,
         "time": time.time(),
     }
 
 
-def restore(payload: dict, path: Path, model, optimizer, scheduler, scaler, ema) -> None:
+def restore(payload: dict, path: Path, models: Models, opt: Optimization) -> None:
     """Load every stateful piece; a checkpoint of another shape is one clear error."""
     try:
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        if scaler is not None and payload.get("scaler"):
-            scaler.load_state_dict(payload["scaler"])
-        if ema is not None and payload.get("ema"):
-            ema.module.load_state_dict(payload["ema"])
+        models.model.load_state_dict(payload["model"])
+        opt.optimizer.load_state_dict(payload["optimizer"])
+        opt.scheduler.load_state_dict(payload["scheduler"])
+        if payload.get("scaler"):
+            opt.backward.load_state_dict(payload["scaler"])
+        if models.ema is not None and payload.get("ema"):
+            models.ema.module.load_state_dict(payload["ema"])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}") from None
+
+
+def weights_checksum(model: torch.nn.Module) -> str:
+    """A short hash of the weights, which every rank logs at the end: replicas that drifted apart show."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---- the trainer's side ---------------------------------------------------------------------------
+
+
+def save(run: Run, p: Progress, extra_names=()) -> None:
+    """Gather every rank's RNG; rank 0 (while it still owns the run) writes checkpoint_last.pth,
+    keeping its predecessor, and the same bytes under ``extra_names`` (best, epoch N)."""
+    states = tdist.gather_objects(rng.rank_state(run.mix_gen), run.info)
+    if run.info.is_main:
+        run.runlog.check_owner()
+        cfg = run.cfg
+        meta = {"version": __version__, "model_name": cfg.model, "num_classes": run.num_classes,
+                "config": cfg.model_dump()}
+        data, digest = serialize(payload(meta, run.models, run.opt, p.as_payload(), states))
+        write(run.out, LAST, data, digest, keep_previous=True)
+        for name in extra_names:
+            write(run.out, name, data, digest)
+    tdist.barrier(run.info)
+
+
+def find(cfg, num_classes: int, out: Path | None) -> tuple[dict, str, Path] | None:
+    """The checkpoint to continue from (or evaluate): --resume, else the newest good one in ``out``.
+    One of another model or class count is refused."""
+    if cfg.resume:
+        path = Path(cfg.resume).expanduser()
+        found = (*load(path), path)
+    elif out is not None and out.is_dir():
+        found = load_latest(out)
+    else:
+        return None
+    if found is not None:
+        data, _, path = found
+        if data.get("model_name") != cfg.model or data.get("num_classes") != num_classes:
+            raise CheckpointError(
+                f"checkpoint {path} is a {data.get('model_name')} with {data.get('num_classes')} classes; "
+                f"this run is a {cfg.model} with {num_classes} classes"
+            )
+    return found
+
+
+def resume(run: Run) -> tuple[Progress, dict | None]:
+    """Where training stands: restored from the checkpoint :func:`find` names, or a fresh start.
+    Returns the progress and what attempts.jsonl records as ``resumed_from``."""
+    found = find(run.cfg, run.num_classes, run.out)
+    if found is None:
+        return Progress(), None
+    data, digest, path = found
+    restore(data, path, run.models, run.opt)
+    p = Progress.from_payload(data)
+    states, info = data["rng"], run.info
+    if len(states) == info.world_size:
+        rng.set_rank_state(states[info.rank], run.mix_gen)
+    else:
+        log.warning("checkpoint has RNG states of %d ranks, this run has %d: reseeding", len(states), info.world_size)
+    log.info("resumed from %s (sha256 %s…): epoch %d, step %d", path, digest[:12], p.epoch, p.step_in_epoch)
+    return p, {"path": str(path), "sha256": digest, "epoch": p.epoch, "step": p.step_in_epoch}

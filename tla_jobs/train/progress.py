@@ -43,17 +43,24 @@ class Progress:
         self.shift_sum += sums[3]
         self.shift_count += int(sums[4])
 
+    def next_epoch(self) -> None:
+        """The epoch is done (its metrics row is in history): the next one starts at step 0."""
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.loss_sum, self.loss_count, self.shift_sum, self.shift_count = 0.0, 0, 0.0, 0
 
 
 class CheckClock:
     """When the loop next synchronises: every k steps, k chosen from the agreed step time so that a
     check comes about every ``every_s`` seconds. Ranks must check at the same steps (the check is a
     collective), so k only changes from values all ranks share. A single process needs no
-    agreement and also checks at once when a signal or the checkpoint clock asks for it."""
+    agreement and also checks at once when a signal or the checkpoint clock asks for it.
+    Also the run's other two clocks: when a checkpoint is due, and when a heartbeat."""
 
-    def __init__(self, info, every_s: float):
+    def __init__(self, info, every_s: float, heartbeat_every_s: float, checkpoint_every_min: float):
         self.info, self.every_s, self.every, self.since = info, every_s, 1, 0
-        self.mark = time.monotonic()
+        self.heartbeat_every_s, self.checkpoint_every_s = heartbeat_every_s, 60 * checkpoint_every_min
+        self.mark = self.last_save = time.monotonic()
+        self.last_beat = 0.0
 
     def now(self, host_wants: bool, force: bool) -> bool:
         self.since += 1
@@ -65,6 +72,21 @@ class CheckClock:
     def agreed(self, step_s: float) -> None:
         self.every = int(min(MAX_CHECK_EVERY, max(1, self.every_s / max(step_s, 1e-6))))
         self.since, self.mark = 0, time.monotonic()
+
+    def checkpoint_due(self) -> bool:
+        """--checkpoint-every-min has passed since the last save (0: only at epoch ends)."""
+        return self.checkpoint_every_s > 0 and time.monotonic() - self.last_save >= self.checkpoint_every_s
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+    def heartbeat_due(self) -> bool:
+        """True (and the clock restarts) when the last heartbeat is ``heartbeat_every_s`` old."""
+        now = time.monotonic()
+        if now - self.last_beat < self.heartbeat_every_s:
+            return False
+        self.last_beat = now
+        return True
 
 
 class EpochClock:

@@ -1,6 +1,8 @@
 """What an attempt writes into its run directory besides checkpoints: attempts, heartbeat, metrics,
 summary; and the fencing that keeps a superseded attempt from writing any of it.
 
+Torch-free, so code outside the trainer (the job entry point) can record attempts with it too.
+
 Fencing: SLURM may requeue a job whose node stopped answering while the old process still runs
 there (the node's slurmd died, the trainer did not). Each attempt takes ownership of the run at
 start by writing ``owner.json`` with a fresh attempt id; before every write it checks the file
@@ -17,7 +19,9 @@ import uuid
 from pathlib import Path
 
 from tla_jobs import __version__, rundir
-from tla_jobs.fsutil import atomic_write_json, atomic_write_text, read_json
+from tla_jobs.config import TrainConfig
+from tla_jobs.errors import TlaError
+from tla_jobs.fsutil import atomic_write_json, atomic_write_text, read_json, read_jsonl
 
 log = logging.getLogger("tla.train")
 
@@ -53,14 +57,27 @@ class RunLog:
             )
 
     # ---- records -----------------------------------------------------------------------------
-    def record_attempt(self, event: str, **fields) -> None:
-        """One line of attempts.jsonl: event 'start' or 'end', with who ran it."""
+    def record_attempt(self, event: str, p=None, **fields) -> None:
+        """One line of attempts.jsonl: event 'start' or 'end', where training stood (a Progress, or
+        None before the trainer has one), ``fields`` (resumed_from; reason, error), and who ran it."""
         if self.is_main:
             self.check_owner()
+            where = {"epoch": p.epoch, "step": p.step_in_epoch, "global_step": p.global_step} if p is not None else {}
             rundir.append_event(
                 self.out / rundir.ATTEMPTS,
-                {"event": event, "attempt_id": self.attempt_id, **fields, **rundir.job_identity()},
+                {"event": event, "attempt_id": self.attempt_id, **where, **fields, **rundir.job_identity()},
             )
+
+    def refuse_if_stalled(self, max_stalled_attempts: int, p) -> None:
+        """Stop a requeue loop that never advances: N+1 attempts in a row starting at the same step."""
+        n = max_stalled_attempts
+        if not n:
+            return
+        starts = [e.get("global_step") for e in read_jsonl(self.out / rundir.ATTEMPTS) if e.get("event") == "start"]
+        if len(starts) > n and len(set(starts[-(n + 1):])) == 1:
+            msg = f"no progress in the last {n} attempts (all stopped before step {p.global_step + 1}); not continuing"
+            self.record_attempt("end", p, reason="stalled", error=msg)
+            raise TlaError(msg)
 
     def heartbeat(self, phase: str, p, steps_per_epoch: int, lr: float = 0.0, rates: dict | None = None) -> None:
         if not self.is_main:
@@ -92,10 +109,33 @@ class RunLog:
             self.check_owner()
             atomic_write_text(self.out / rundir.METRICS, "".join(json.dumps(r) + "\n" for r in history))
 
-    def summary(self, summary: dict) -> None:
+    def summary(self, p, reason: str, cfg: TrainConfig, num_classes: int) -> dict:
+        """summary.json at the end of training: what ran, how far, the best and last epoch."""
+        history = p.history
+        best = max(history, key=lambda r: r["acc1"]) if history else None
+        last = history[-1] if history else None
+        summary = {
+            "model": cfg.model,
+            "mixing": cfg.mixing(),
+            "tl_align": cfg.tl_align,
+            "num_classes": num_classes,
+            "epochs": cfg.epochs,
+            "epochs_done": p.epoch,
+            "global_step": p.global_step,
+            "end_reason": reason,
+            "best_acc1": best["acc1"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "best_acc5": best["acc5"] if best else None,
+            "last_acc1": last["acc1"] if last else None,
+            "last_acc5": last["acc5"] if last else None,
+            "world_size": self.world_size,
+            "time": time.time(),
+            "version": __version__,
+        }
         if self.is_main:
             self.check_owner()
             atomic_write_json(self.out / rundir.SUMMARY, summary)
+        return summary
 
 
 def waiting_for_ranks(out: Path, world_size: int) -> None:
