@@ -15,7 +15,7 @@ import gzip
 import json
 import os
 import shutil
-import struct
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,15 +32,20 @@ NAMES = ("fashion-mnist", "digits")
 Sample = tuple[str, int, np.ndarray]  # split, label, HxW uint8 image
 
 
-def _idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format: big-endian dims after a magic number)."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file")
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+def _idx(path: Path, labels: bool = False) -> np.ndarray:
+    """Read a gzipped IDX file (the MNIST format) with torchvision's MNIST reader, which takes only
+    an uncompressed file: the file is unpacked into a temporary one first."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    with tempfile.NamedTemporaryFile(suffix=".idx") as tmp:
+        try:
+            with gzip.open(path, "rb") as f:
+                shutil.copyfileobj(f, tmp)
+            tmp.flush()
+            return (read_label_file if labels else read_image_file)(tmp.name).numpy()
+        except (OSError, EOFError, AssertionError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+            kind = "labels" if labels else "images"
+            raise DataError(f"{path} is not an IDX file of {kind} ({exc.__class__.__name__}: {exc})") from None
 
 
 def _limited(labels: np.ndarray, limit: int | None) -> np.ndarray:
@@ -64,7 +69,7 @@ def _fashion_mnist(limit: int | None) -> tuple[list[str], int, Iterator[Sample]]
                         "or use `digits`")
     parts = []
     for split, stem in (("train", "train"), ("val", "t10k")):
-        images, labels = _idx(files[f"{stem}-images"]), _idx(files[f"{stem}-labels"])
+        images, labels = _idx(files[f"{stem}-images"]), _idx(files[f"{stem}-labels"], labels=True)
         keep = _limited(labels, limit)
         parts.append((split, images[keep], labels[keep]))
 
