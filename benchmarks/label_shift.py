@@ -21,17 +21,19 @@ from tla_jobs.config import TrainConfig
 from tla_jobs.data.loaders import eval_loader
 from tla_jobs.train import checkpoint as ckpt
 from tla_jobs.train.models import build_model, model_input_size, model_patch_size
+from tla_jobs.train.setup import normalise
 
 
 def shift(model, loader, batches: int, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
+    transform = normalise(model, torch.device("cpu"))  # the loader's batches are uint8
     w_all, lam_all = [], []
     model.eval()
     with torch.no_grad():
         for i, (images, _) in enumerate(loader):
             if i == batches:
                 break
-            mix = token_cutmix(images, model_patch_size(model), mode="elem", generator=gen)
+            mix = token_cutmix(transform(images), model_patch_size(model), mode="elem", generator=gen)
             _, w = aligned_forward(model, mix.images, mix.patch_weights)
             w_all.append(w.reshape(len(images), -1)[:, 0])
             lam_all.append(mix.patch_weights.mean(dim=1))
