@@ -100,8 +100,12 @@ def test_sigkill_at_random_steps_then_resume_is_exact(digits, tmp_path):
     # --step-delay keeps each attempt alive long enough to be killed (heartbeats come every 2 s);
     # it sleeps between steps and changes nothing that is computed.
     args = [*FAST, "--data-path", digits, "--epochs", "3", "--checkpoint-every-min", "0.0005", "--step-delay", "0.05"]
+    # The uninterrupted reference runs beside the killed attempts (each process sleeps half its time).
     reference = tmp_path / "reference"
-    run_tla("train", *args, "--output-dir", reference, check=True, timeout=900)
+    ref_log = tmp_path / "reference.stderr"
+    with ref_log.open("w") as ref_err:
+        ref_proc = subprocess.Popen([*TLA, "train", *map(str, args), "--output-dir", str(reference)],
+                                    stdout=subprocess.DEVNULL, stderr=ref_err)
 
     killed = tmp_path / "killed"
     rng = random.Random(1234)
@@ -123,6 +127,7 @@ def test_sigkill_at_random_steps_then_resume_is_exact(digits, tmp_path):
         proc.wait(timeout=600)
     assert kills >= 2
     run_tla("train", *args, "--output-dir", killed, check=True)
+    assert ref_proc.wait(timeout=900) == 0, ref_log.read_text()[-3000:]
     assert comparable(metrics(killed)) == comparable(metrics(reference))
     a, b = final_weights(killed), final_weights(reference)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
