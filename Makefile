@@ -21,15 +21,23 @@ $(STAMP): pyproject.toml constraints.txt
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tla_jobs tests benchmarks cli.py
 
+# Tests run on pytest-xdist workers (tests/conftest.py puts the SLURM tests in one group, serial on one
+# worker, and the tests of the built image in another). On 2 cores: test-fast's tests are CPU-bound
+# but wait now and then (detached jobs, polling), so 3 workers; `make test` adds a worker that mostly
+# waits on the SLURM cluster, one that builds the image first, and two for the rest.
+FAST_WORKERS ?= 3
+TEST_WORKERS ?= 4
+XDIST = --dist loadgroup -n
+
 test-fast: $(STAMP)
-	$(VENV)/bin/pytest -m "not slurm and not container"
+	$(VENV)/bin/pytest $(XDIST) $(FAST_WORKERS) --durations=15 -m "not slurm and not container"
 
 # The whole suite, SLURM and container tests included: the one-machine SLURM cluster
 # (tests/slurm_cluster, needs root) is brought up first and down afterwards, also when tests fail.
 test: lint
 	@status=0; \
 	bash tests/slurm_cluster/cluster.sh up || { bash tests/slurm_cluster/cluster.sh logs; exit 1; }; \
-	$(VENV)/bin/pytest --durations=15 || status=$$?; \
+	$(VENV)/bin/pytest $(XDIST) $(TEST_WORKERS) --durations=15 || status=$$?; \
 	if [ $$status -ne 0 ]; then bash tests/slurm_cluster/cluster.sh logs 40 || true; fi; \
 	bash tests/slurm_cluster/cluster.sh down >/dev/null 2>&1 || true; \
 	exit $$status
