@@ -14,17 +14,18 @@ and debootstrap with apt-get when they are missing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT, assert_clean_error, run_tla
+from conftest import CLUSTER, FAST, ROOT, assert_clean_error, cluster_env, run_tla, runs_env, sh, status, tla, wait_for
+from filelock import FileLock
 
 from tla_jobs import __version__
 from tla_jobs.errors import TlaError
@@ -36,15 +37,6 @@ STANDIN = "localhost/tla-standin-base:torch2.14.1"
 TAG = "localhost/tla:test-container"  # tests/profiles/podman-e2e.yaml runs this tag
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 PODMAN_ENV = {"CONTAINERS_CONF": str(CONTAINERS_CONF)}
-
-
-def sh(*cmd, check=True, timeout=300, env=None, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{shlex.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-4000:]}")
-    return proc
 
 
 def podman(*args, **kw) -> subprocess.CompletedProcess:
@@ -240,22 +232,54 @@ def test_hadolint_passes_on_the_dockerfile():
 
 @pytest.fixture(scope="session")
 def standin_base():
-    """The stand-in for the official PyTorch base: built once per machine, then found in podman's storage."""
+    """The stand-in for the official PyTorch base: built once per machine (the script takes a lock),
+    then found in podman's storage."""
     if os.geteuid() != 0:
         pytest.skip("the container tests need root (debootstrap, podman, apt-get)")
     sh("bash", DOCKER / "make-standin-base.sh", STANDIN, timeout=1800, env=PODMAN_ENV)
     return STANDIN
 
 
+# What enters the build (the allow-list of .dockerignore) besides the Dockerfile and .dockerignore.
+BUILD_INPUTS = ("pyproject.toml", "README.md", "tla_jobs", "docker/deps.py", "docker/entrypoint.sh")
+INPUTS_LABEL = "org.tla.test.inputs"  # the digest below, on the image the tests built
+
+
+def build_inputs_digest(base: str) -> str:
+    """A digest of everything a build of TAG depends on: the build command (version and commit
+    labels included), the base image's id, the Dockerfile, .dockerignore and the files they let in."""
+    ca = HOST_CA if HOST_CA.is_file() else None
+    plan = image.build_plan("podman", context=ROOT, tag=TAG, base=base, ca_bundle=ca)
+    digest = hashlib.sha256(json.dumps(plan.commands).encode())
+    digest.update(podman("image", "inspect", "--format", "{{.Id}}", base).stdout.encode())
+    for name in ("Dockerfile", ".dockerignore", *BUILD_INPUTS):
+        top = ROOT / name
+        for path in sorted([top] if top.is_file() else top.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo") \
+                    and not any(part.endswith(".egg-info") for part in path.parts):
+                digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 @pytest.fixture(scope="session")
 def built_image(standin_base):
-    """The real Dockerfile, built by `tla image build` with podman on the stand-in (layers cached)."""
-    args = ["image", "build", "--engine", "podman", "--base", standin_base, "--tag", TAG]
-    if HOST_CA.is_file():  # pip's index is behind a proxy with its own CA here: a build secret, not a layer
-        args += ["--ca-bundle", HOST_CA]
-    proc = run_tla(*args, "--", "--pull=never", "--network=host", env=PODMAN_ENV, cwd=ROOT, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert proc.stdout.strip().endswith(f"built {TAG}")
+    """The real Dockerfile, built by `tla image build` with podman on the stand-in (layers cached).
+
+    One build per machine at a time (a lock: the "image" and "slurm" xdist workers both ask), and
+    none when TAG in podman's storage was built from the same inputs (its INPUTS_LABEL)."""
+    digest = build_inputs_digest(standin_base)
+    with FileLock("/var/lock/tla-test-image.lock"):
+        have = podman("image", "inspect", "--format", f'{{{{index .Config.Labels "{INPUTS_LABEL}"}}}}', TAG,
+                      check=False)
+        if have.returncode == 0 and have.stdout.strip() == digest:
+            return TAG
+        args = ["image", "build", "--engine", "podman", "--base", standin_base, "--tag", TAG]
+        if HOST_CA.is_file():  # pip's index is behind a proxy with its own CA here: a build secret, not a layer
+            args += ["--ca-bundle", HOST_CA]
+        proc = run_tla(*args, "--", "--pull=never", "--network=host", "--label", f"{INPUTS_LABEL}={digest}",
+                       env=PODMAN_ENV, cwd=ROOT, timeout=1800)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        assert proc.stdout.strip().endswith(f"built {TAG}")
     return TAG
 
 
@@ -317,27 +341,18 @@ def test_training_inside_the_container_is_evaluated_outside(built_image, digits,
     events = [json.loads(x) for x in (run / "attempts.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "end" and events[-1]["reason"] == "max_steps", events
     env = {"TLA_RUNS": str(runs)}
-    run_tla("eval", "checkpoint", "inside", env=env, check=True)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        report = json.loads(run_tla("report", "inside", "--format", "json", env=env, check=True).stdout)[0]
-        if report["eval_acc1"] is not None:
-            break
-        time.sleep(2)
-    assert report["eval_acc1"] is not None, run_tla("logs", "inside", env=env).stdout[-3000:]
+    tla(env, "eval", "checkpoint", "inside", check=True)
+
+    def evaluated() -> dict | None:
+        report = json.loads(tla(env, "report", "inside", "--format", "json", check=True).stdout)[0]
+        return report if report["eval_acc1"] is not None else None
+
+    report = wait_for(evaluated, 600, every=2,
+                      what=lambda: "the evaluation:\n" + tla(env, "logs", "inside").stdout[-3000:])
     assert 0 <= report["eval_acc1"] <= 100 and report["eval_acc5"] >= report["eval_acc1"]
 
 
 # ------------------------------------------------------------------ SLURM: the podman runtime, host requeue
-
-CLUSTER = ROOT / "tests" / "slurm_cluster" / "cluster.sh"
-
-
-def cluster_env() -> dict:
-    """The client environment of the test cluster (`cluster.sh env` prints `export NAME=VALUE` lines)."""
-    out = sh("bash", CLUSTER, "env").stdout
-    return {k: shlex.split(v)[0] if v else "" for k, v in re.findall(r"^export (\w+)=(.*)$", out, re.M)}
-
 
 @pytest.mark.slurm
 @pytest.mark.container
@@ -356,36 +371,36 @@ def test_slurm_podman_step_is_requeued_by_the_host_shell_and_resumes(built_image
     sh("bash", CLUSTER, "up", timeout=900)
     # a preemption takes the scheduler a few seconds: the run must still be training by then
     steps = "16" if how == "usr2-to-batch-shell" else "45"
-    runs = tmp_path / "runs"
-    env = {"TLA_RUNS": str(runs), "TLA_CLUSTER_CONFIGS": str(ROOT / "tests" / "profiles"), **PODMAN_ENV,
-           **cluster_env()}
-    out = run_tla("submit", "train", "--name", "pod", "--cluster", "podman-e2e", *FAST, "--data-path", digits,
-                  "--epochs", "1", "--max-steps", steps, "--step-delay", "0.3", "--checkpoint-every-min", "0",
-                  "--json", env=env, cwd=ROOT, check=True).stdout
+    env = runs_env(tmp_path / "runs", **PODMAN_ENV, **cluster_env())
+    out = tla(env, "submit", "train", "--name", "pod", "--cluster", "podman-e2e", *FAST, "--data-path", digits,
+              "--epochs", "1", "--max-steps", steps, "--step-delay", "0.3", "--checkpoint-every-min", "0",
+              "--json", cwd=ROOT, check=True).stdout
     job = json.loads(out)["job_id"]
-    run = runs / "pod"
+    run = env["runs"] / "pod"
 
-    def status() -> dict:
-        return json.loads(run_tla("status", "pod", "--json", env=env, check=True).stdout)[0]
+    def tla_logs() -> str:
+        return tla(env, "logs", "pod").stdout[-3000:]
 
-    deadline = time.time() + 600  # the first steps (container start, torch import) are slow here
-    while time.time() < deadline:
+    def at_step_3() -> bool:
         beat = run / "heartbeat.json"
         if beat.exists() and json.loads(beat.read_text()).get("global_step", 0) >= 3:
-            break
-        assert status()["state"] not in ("FAILED", "COMPLETED"), run_tla("logs", "pod", env=env).stdout[-3000:]
-        time.sleep(1)
-    else:
-        raise AssertionError("the step never reached step 3:\n" + run_tla("logs", "pod", env=env).stdout[-3000:])
+            return True
+        assert status(env, "pod")["state"] not in ("FAILED", "COMPLETED"), tla_logs()
+        return False
+
+    # the first steps (container start, torch import) are slow here
+    wait_for(at_step_3, 600, every=1, what=lambda: "the step to reach step 3:\n" + tla_logs())
     high = None
     if how == "preemption":  # every CPU of n1, in the partition that preempts `low`
         high = sh("sbatch", "--parsable", "-p", "high", "-N1", "-w", "n1", "-c", "4", "--wrap", "sleep 2",
                   env=cluster_env()).stdout.strip()
     else:
         sh("scancel", "--batch", "--signal=USR2", job, env=cluster_env())  # as --signal=B:USR2@... does
-    deadline = time.time() + 600
-    while time.time() < deadline and (st := status())["state"] not in ("COMPLETED", "FAILED", "CANCELLED"):
-        time.sleep(2)
+    def ended() -> dict | None:
+        st = status(env, "pod")
+        return st if st["state"] in ("COMPLETED", "FAILED", "CANCELLED") else None
+
+    st = wait_for(ended, 600, every=2, what=lambda: "the job to end:\n" + tla_logs())
     logs = "\n".join(p.read_text(errors="replace") for p in sorted((run / "submitit").glob("*_log.*")))
     assert st["state"] == "COMPLETED" and len(st["attempts"]) >= 2, (st, logs[-4000:])
     first, second = st["attempts"][0], st["attempts"][1]
