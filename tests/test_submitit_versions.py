@@ -43,6 +43,7 @@ def python(versions: dict[str, str], version: str, code: str, *args, env=None, *
 
 SLURM = r"""
 import json, sys
+from pathlib import Path
 import submitit
 from submitit.core.utils import JobPaths
 from tla_jobs.jobs import profiles, submit
@@ -95,6 +96,7 @@ def test_a_dry_run_renders_what_a_submission_writes(versions, tmp_path):
 
 LOCAL = r"""
 import os, sys, time
+from pathlib import Path
 import submitit
 from tla_jobs.jobs.executors import DetachedLocalExecutor
 
