@@ -128,16 +128,12 @@ def test_synthetic_data_reports_throughput_and_removes_orphaned_temporaries(tmp_
 
 @pytest.mark.slow
 def test_compile_gives_the_same_losses_as_eager(digits, tmp_path):
-    procs = {}
-    for name, extra in (("compiled", ["--compile"]), ("eager", [])):  # side by side: compiling is most of it
-        args = [*FAST, "--data-path", digits, "--output-dir", tmp_path / name, "--epochs", "1", "--max-steps", "6",
-                "--checkpoint-every-min", "0", *extra]
-        with (tmp_path / f"{name}.stderr").open("w") as err:
-            procs[name] = subprocess.Popen([*TLA, "train", *map(str, args)], stdout=subprocess.DEVNULL, stderr=err)
     losses = {}
-    for name, proc in procs.items():
-        assert proc.wait(timeout=900) == 0, (tmp_path / f"{name}.stderr").read_text()[-3000:]
-        losses[name] = json.loads((tmp_path / name / rundir.HEARTBEAT).read_text())["train_loss"]
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        run = tmp_path / name
+        run_tla("train", *FAST, "--data-path", digits, "--output-dir", run, "--epochs", "1", "--max-steps", "6",
+                "--checkpoint-every-min", "0", *extra, check=True, timeout=900)
+        losses[name] = json.loads((run / rundir.HEARTBEAT).read_text())["train_loss"]
     assert losses["eager"] > 0
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)
 
