@@ -32,6 +32,9 @@ CHECKPOINT_PREV = "checkpoint_prev.pth"  # the one before, kept in case the last
 CHECKPOINT_BEST = "checkpoint_best.pth"  # the model of the best top-1 epoch
 CHECKPOINT_EPOCH = "checkpoint_epoch{epoch}.pth"  # kept every --checkpoint-every-epochs
 CHECKPOINT_EPOCH_RE = r"checkpoint_epoch(\d+)\.pth"
+CHECKPOINT_LOG = "checkpoints.jsonl"  # one line per checkpoint written: name, sha256, epoch, top-1/5, size
+TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files of rank 0 (`tensorboard --logdir runs/`)
+CONFIG_YAML = "config.yaml"  # the resolved TrainConfig, so `--config runs/NAME/config.yaml` repeats a run
 
 
 def sweep_dir(root: Path, name: str) -> Path:
