@@ -2,14 +2,19 @@
 
 Validated with pydantic (unknown keys are errors) and free of torch, so the CLI can build,
 store and show it without importing the training stack. It is stored in run.json and in every
-checkpoint, which is how a resumed run or an eval job knows what it is continuing.
+checkpoint, which is how a resumed run or an eval job knows what it is continuing; the trainer also
+writes it as RUN/config.yaml, which :func:`load_config_file` reads back (`--config`).
 """
 
 from __future__ import annotations
 
+import difflib
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tla_jobs.errors import TlaError
 
 # The arms of `tla submit sweep`: each sets the mixing fields so that TrainConfig.mixing() names it.
 # None leaves a field to the recipe's defaults (_recipe_defaults below).
@@ -89,6 +94,15 @@ class TrainConfig(BaseModel):
     eval_only: bool = False
     checkpoint_every_min: float = Field(10.0, ge=0, description="0 = only at epoch ends")
     checkpoint_every_epochs: int = Field(20, ge=0, description="keep checkpoint_epoch{N}.pth every N; 0 = never")
+    keep_last: int = Field(0, ge=0, description="keep only the newest N checkpoint_epoch{N}.pth files (older ones "
+                           "are deleted after each save, like timm's --checkpoint-hist); 0 = keep all. "
+                           "checkpoint_last/prev/best are always kept")
+    keep_best: int = Field(0, ge=0, description="with --keep-last: also keep the K checkpoint_epoch{N}.pth files "
+                           "of the best top-1 (like Lightning's save_top_k)")
+    tensorboard: bool = Field(True, description="write TensorBoard event files into RUN/tensorboard (needs the "
+                              "tensorboard package: without it, one warning and none are written)")
+    wandb: bool = Field(False, description="log the curves to Weights & Biases too (needs the wandb package; "
+                        "project from WANDB_PROJECT, default tla; WANDB_MODE=offline on nodes without internet)")
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (smoke runs)")
     step_delay: float = Field(0.0, ge=0, description="sleep after each step (tests that must catch a run mid-epoch)")
 
@@ -131,3 +145,39 @@ class TrainConfig(BaseModel):
         if self.cutmix_grid and self.mixup == 0:
             return "grid-cutmix"
         return "mixup+cutmix" if self.mixup and self.cutmix else ("mixup" if self.mixup else "cutmix")
+
+
+def load_config_file(path: str | Path) -> dict:
+    """The TrainConfig fields of a YAML recipe (`--config FILE`, e.g. a run's config.yaml), not yet
+    validated: the caller lays command-line options over them and builds the TrainConfig. Keys are
+    field names (batch_size; batch-size as on the command line is accepted too); an empty file is
+    an empty recipe. A missing or unreadable file, bad YAML, a top level that is not a mapping and an
+    unknown key are one-line TlaErrors."""
+    import yaml
+
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TlaError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TlaError(f"config file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        raise TlaError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TlaError(f"config file {path} must be a mapping of option: value, not a {type(data).__name__}")
+    out = {str(k).replace("-", "_"): v for k, v in data.items()}
+    fields = set(TrainConfig.model_fields)
+    unknown = sorted(k for k in out if k not in fields and k not in RETIRED_KEYS)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], fields, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise TlaError(f"config file {path}: unknown option(s) {', '.join(unknown)}{hint}")
+    return out

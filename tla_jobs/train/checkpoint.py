@@ -3,7 +3,9 @@
 Each checkpoint ``X.pth`` has ``X.pth.sha256`` beside it. Writes go to a temporary file (fsynced)
 and are renamed into place; ``checkpoint_last.pth`` keeps its predecessor as ``checkpoint_prev.pth``
 so a damaged last one still leaves a good one to resume from. Loading checks the hash and uses
-``torch.load(weights_only=True)``: a checkpoint is data, never code.
+``torch.load(weights_only=True)``: a checkpoint is data, never code. Every file written gets a line
+in checkpoints.jsonl (its sha256, where training stood, the top-1/top-5 of those weights); the
+listing, the hashing and the retention policy are torch-free, in tla_jobs/jobs/checkpoints.py.
 
 The trainer's side is at the end: :func:`save` (every rank's RNG, rank 0 writes) and
 :func:`resume` / :func:`find` (the checkpoint to continue from or evaluate, checked to be this model).
@@ -17,7 +19,6 @@ import hashlib
 import io
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +28,8 @@ import torch
 from tla_jobs import __version__, rundir
 from tla_jobs.errors import CheckpointError
 from tla_jobs.fsutil import _fsync_dir, write_temp
+from tla_jobs.jobs import checkpoints as listing
+from tla_jobs.jobs.checkpoints import candidates, file_sha256  # noqa: F401 (torch-free; used from here too)
 from tla_jobs.train import distributed as tdist
 from tla_jobs.train import rng
 from tla_jobs.train.progress import Progress
@@ -40,8 +43,7 @@ if TYPE_CHECKING:
     from tla_jobs.train.setup import Run
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
+_sidecar = listing.sidecar
 
 
 def serialize(payload: dict) -> tuple[bytes, str]:
@@ -71,14 +73,6 @@ def write(folder: Path, name: str, data: bytes, digest: str, keep_previous: bool
     return path
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify(path: Path) -> str:
     """Return the file's sha256 if it matches its sidecar; raise CheckpointError otherwise."""
     if not path.is_file():
@@ -106,16 +100,6 @@ def load(path: str | Path) -> tuple[dict, str]:
             f"{path} is not a tla checkpoint (format {payload.get('format') if isinstance(payload, dict) else '?'})"
         )
     return payload, digest
-
-
-def candidates(folder: Path) -> list[Path]:
-    """Resumable checkpoints of a run, newest first: the last one, then the others by write time."""
-    others = [
-        folder / PREV,
-        *(p for p in folder.glob("checkpoint_epoch*.pth") if re.fullmatch(rundir.CHECKPOINT_EPOCH_RE, p.name)),
-    ]
-    others = sorted((p for p in others if p.exists()), key=lambda p: p.stat().st_mtime, reverse=True)
-    return [p for p in [folder / LAST] if p.exists()] + others
 
 
 def load_latest(folder: str | Path) -> tuple[dict, str, Path] | None:
@@ -190,17 +174,27 @@ def weights_checksum(model: torch.nn.Module) -> str:
 
 def save(run: Run, p: Progress, extra_names=()) -> None:
     """Gather every rank's RNG; rank 0 (while it still owns the run) writes checkpoint_last.pth,
-    keeping its predecessor, and the same bytes under ``extra_names`` (best, epoch N)."""
+    keeping its predecessor, and the same bytes under ``extra_names`` (best, epoch N), with one line
+    per file in checkpoints.jsonl; then --keep-last/--keep-best prune the periodic ones."""
     states = tdist.gather_objects(rng.rank_state(run.mix_gen), run.info)
     if run.info.is_main:
         run.runlog.check_owner()
         cfg = run.cfg
         meta = {"version": __version__, "model_name": cfg.model, "num_classes": run.num_classes,
                 "config": cfg.model_dump()}
-        data, digest = serialize(payload(meta, run.models, run.opt, p.as_payload(), states))
-        write(run.out, LAST, data, digest, keep_previous=True)
-        for name in extra_names:
-            write(run.out, name, data, digest)
+        progress = p.as_payload()
+        data, digest = serialize(payload(meta, run.models, run.opt, progress, states))
+        # the metrics row of exactly these weights: the epoch just finished, when no step came since
+        row = p.history[-1] if p.step_in_epoch == 0 and p.history and p.history[-1]["epoch"] == p.epoch - 1 else None
+        for name in (LAST, *extra_names):
+            write(run.out, name, data, digest, keep_previous=name == LAST)
+            rundir.append_event(run.out / rundir.CHECKPOINT_LOG, listing.log_line(
+                name, digest, len(data), progress, row, ema=run.models.ema is not None))
+        if cfg.keep_last:
+            gone = listing.prune(run.out, cfg.keep_last, cfg.keep_best, trust_last=True)["removed"]
+            if gone:
+                log.info("removed %s (--keep-last %d, --keep-best %d)", ", ".join(r["name"] for r in gone),
+                         cfg.keep_last, cfg.keep_best)
     tdist.barrier(run.info)
 
 

@@ -30,6 +30,7 @@ from tla_jobs.errors import TlaError
 from tla_jobs.train import checkpoint as ckpt
 from tla_jobs.train import distributed as tdist
 from tla_jobs.train import setup, signals
+from tla_jobs.train.curves import Curves
 from tla_jobs.train.evaluate import evaluate, evaluate_checkpoint
 from tla_jobs.train.progress import CheckClock, EpochClock, Progress
 from tla_jobs.train.runlog import Superseded, waiting_for_ranks
@@ -79,6 +80,7 @@ def train(cfg: TrainConfig, max_stalled_attempts: int = 0) -> dict:
 def fit(run: Run, p: Progress, resumed_from: dict | None, max_stalled_attempts: int) -> dict:
     cfg, info, runlog = run.cfg, run.info, run.runlog
     runlog.take_ownership()
+    runlog.config(cfg)
     runlog.metrics(p.history)
     runlog.record_attempt("start", p, resumed_from=resumed_from, world_size=info.world_size, version=__version__)
     runlog.refuse_if_stalled(max_stalled_attempts, p)
@@ -90,6 +92,7 @@ def fit(run: Run, p: Progress, resumed_from: dict | None, max_stalled_attempts: 
         run.lr, info.world_size, info.device, ", compiled" if cfg.compile else "",
     )
     run.stop.install()
+    run.curves = Curves(cfg, run.out, info.is_main, p.global_step)
     end_reason = "completed"
     try:
         clock = CheckClock(info, CHECK_EVERY_S, HEARTBEAT_EVERY_S, cfg.checkpoint_every_min)
@@ -114,6 +117,8 @@ def fit(run: Run, p: Progress, resumed_from: dict | None, max_stalled_attempts: 
         if not isinstance(exc, SystemExit) and runlog.owns_run():
             runlog.record_attempt("end", p, reason="error", error=f"{exc.__class__.__name__}: {exc}"[:500])
         raise
+    finally:
+        run.curves.close()
 
     log.info("final weights checksum %s", ckpt.weights_checksum(run.models.model))
     summary = runlog.summary(p, end_reason, cfg, run.num_classes)
@@ -140,7 +145,9 @@ def train_one_epoch(run: Run, p: Progress, clock: CheckClock, epoch_clock: Epoch
             continue
         stop, due = check(run, p, clock, due)
         if clock.heartbeat_due():
-            run.runlog.heartbeat("training", p, steps_per_epoch, lr, run.rates(epoch_clock.rate(time.monotonic())))
+            rates = run.rates(epoch_clock.rate(time.monotonic()))
+            run.runlog.heartbeat("training", p, steps_per_epoch, lr, rates)
+            run.curves.step(p, rates)
         if stop or due or (limit and not end):
             ckpt.save(run, p)
             clock.saved()
@@ -188,6 +195,11 @@ def end_epoch(run: Run, p: Progress, epoch_clock: EpochClock, lr: float) -> None
         return tdist.any_rank(run.stop.received is not None, info)
 
     res = evaluate(run.models.model, run.val, run.step.autocast, info, reduce=cfg.dist_eval, should_abort=abort)
+    ema = run.models.ema
+    if res is not None and ema is not None:  # DeiT reports the EMA weights' accuracy beside the model's
+        res_ema = evaluate(ema.module, run.val, run.step.autocast, info, reduce=cfg.dist_eval, should_abort=abort)
+        res = res_ema and {**res, "ema_acc1": res_ema["acc1"], "ema_acc5": res_ema["acc5"],
+                           "ema_val_loss": res_ema["loss"]}
     if res is None:  # a stop signal came during evaluation: the epoch's training is saved
         ckpt.save(run, p)
         raise Interrupted(run.stop.received or "signal on another rank")
@@ -201,6 +213,7 @@ def end_epoch(run: Run, p: Progress, epoch_clock: EpochClock, lr: float) -> None
         "val_loss": res["loss"],
         "acc1": res["acc1"],
         "acc5": res["acc5"],
+        **{k: res[k] for k in ("ema_acc1", "ema_acc5", "ema_val_loss") if k in res},
         "w_shift": shift_sum / shift_count if shift_count else None,
         **run.rates(epoch_clock.images / max(seconds, 1e-9)),
         "images_per_s_steady": steady,
@@ -212,8 +225,9 @@ def end_epoch(run: Run, p: Progress, epoch_clock: EpochClock, lr: float) -> None
     is_best = res["acc1"] > p.best_acc1
     p.best_acc1 = max(p.best_acc1, res["acc1"])
     log.info(
-        "epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.2f, top-5 %.2f (best %.2f), %.0f img/s%s",
+        "epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.2f, top-5 %.2f (best %.2f)%s, %.0f img/s%s",
         p.epoch + 1, cfg.epochs, row["train_loss"], res["loss"], res["acc1"], res["acc5"], p.best_acc1,
+        f", EMA top-1 {res['ema_acc1']:.2f}" if "ema_acc1" in res else "",
         row["images_per_s"], f", {row['tflops_per_device']:.1f} TFLOP/s per device"
         if row.get("tflops_per_device", 0) >= 0.05 else "",  # a CPU's toy model would read 0.0
     )
@@ -223,6 +237,7 @@ def end_epoch(run: Run, p: Progress, epoch_clock: EpochClock, lr: float) -> None
         extra.append(rundir.CHECKPOINT_EPOCH.format(epoch=p.epoch))
     ckpt.save(run, p, extra)
     run.runlog.metrics(p.history)
+    run.curves.epoch(row)
     run.runlog.heartbeat("training", p, steps_per_epoch, lr)
 
 
@@ -234,6 +249,7 @@ def superseded(exc: Superseded) -> NoReturn:
 def interrupted(run: Run, signame: str, p: Progress) -> None:
     """After the stop-signal checkpoint: record the end, then leave the way the scheduler expects."""
     log.warning("stopped by %s at epoch %d step %d; checkpoint written", signame, p.epoch, p.step_in_epoch)
+    run.curves.close()  # before waiting to be killed
     try:
         run.runlog.heartbeat("interrupted", p, run.train.steps_per_epoch)
         run.runlog.record_attempt("end", p, reason=f"signal:{signame}")

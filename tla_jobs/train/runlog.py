@@ -104,6 +104,15 @@ class RunLog:
             },
         )
 
+    def config(self, cfg: TrainConfig) -> None:
+        """config.yaml: the resolved TrainConfig of this attempt, so `--config RUN/config.yaml` repeats the run."""
+        if self.is_main:
+            import yaml
+
+            self.check_owner()
+            head = f"# the resolved config of {self.out.name} (tla {__version__}); repeat it with --config FILE\n"
+            atomic_write_text(self.out / rundir.CONFIG_YAML, head + yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+
     def metrics(self, history: list[dict]) -> None:
         if self.is_main:
             self.check_owner()

@@ -28,6 +28,7 @@ from tla_jobs.data.prepare import prepare
 from tla_jobs.errors import CheckpointError, DataError, TlaError
 from tla_jobs.train import distributed as tdist
 from tla_jobs.train import throughput
+from tla_jobs.train.curves import Curves, check_wandb
 from tla_jobs.train.mixing import BatchMixer
 from tla_jobs.train.models import build_model, check_model_name, model_input_size, model_patch_size
 from tla_jobs.train.runlog import RunLog
@@ -67,6 +68,7 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, int, torch.nn.Module]:
     """Everything that can fail on the user's input, before any process group or device:
     (data folder or None for synthetic data, number of classes, the model with its initial weights)."""
     check_model_name(cfg.model)
+    check_wandb(cfg)
     data = resolve_data(cfg)
     if data is None:
         num_classes = cfg.num_classes or 1000
@@ -149,6 +151,7 @@ class Run:
     peak_tflops: float | None
     runlog: RunLog
     stop: StopSignals
+    curves: Curves | None = None  # set by loop.fit, which knows the step it starts from
 
     def rates(self, images_per_s: float) -> dict:
         return throughput.rates(images_per_s, self.info.world_size, self.flops_per_image, self.peak_tflops)

@@ -1,0 +1,200 @@
+"""A run's checkpoints without torch: what is on disk, what each one is, and pruning old ones.
+
+Each ``X.pth`` of a run directory has a sidecar ``X.pth.sha256`` (written by the trainer before the
+data, see tla_jobs/train/checkpoint.py) and, since 0.5, a line in ``checkpoints.jsonl`` written after
+it (:func:`log_line`). :func:`list_checkpoints` joins the three by sha256: the bytes of
+checkpoint_last, checkpoint_best and checkpoint_epoch{N} of one save are identical, and
+checkpoint_prev is a renamed checkpoint_last, so its line is the one written under the old name.
+
+Pruning (:func:`prune`, the trainer's --keep-last/--keep-best and `tla checkpoints prune`) only ever
+removes periodic checkpoint_epoch{N}.pth files, never checkpoint_last / checkpoint_prev (what a
+running or requeued attempt resumes from), checkpoint_best, nor the checkpoint a new attempt would
+resume from when last and prev are missing or damaged (:func:`resume_target`, the trainer's own order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from tla_jobs import rundir
+from tla_jobs.fsutil import read_jsonl
+
+WHICH = {rundir.CHECKPOINT_LAST: "last", rundir.CHECKPOINT_PREV: "prev", rundir.CHECKPOINT_BEST: "best"}
+ORDER = {"last": 0, "prev": 1, "best": 2, "epoch": 3, "other": 4}
+# What the listing takes from a checkpoint's log line.
+LOGGED = ("epochs_done", "step_in_epoch", "global_step", "acc1", "acc5", "ema_acc1", "ema_acc5", "ema")
+
+
+def sidecar(path: Path) -> Path:
+    """``X.pth.sha256``, the sha256 of ``X.pth`` as `sha256sum` writes it."""
+    return path.with_name(path.name + ".sha256")
+
+
+def read_sidecar(path: Path) -> str | None:
+    """The digest recorded beside ``path``; None when the sidecar is missing, empty or unreadable."""
+    try:
+        text = sidecar(path).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text.split()[0] if text else None
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_good(path: Path) -> bool:
+    """The file is there and hashes to its sidecar's digest (a full read of the file)."""
+    expected = read_sidecar(path)
+    try:
+        return expected is not None and file_sha256(path) == expected
+    except OSError:
+        return False
+
+
+def epoch_number(name: str) -> int | None:
+    m = re.fullmatch(rundir.CHECKPOINT_EPOCH_RE, name)
+    return int(m.group(1)) if m else None
+
+
+def candidates(folder: Path) -> list[Path]:
+    """Resumable checkpoints of a run in the order a new attempt tries them: the last one, then the
+    others (prev, epoch N) newest first by write time."""
+    others = [folder / rundir.CHECKPOINT_PREV, *(p for p in folder.glob("checkpoint_epoch*.pth")
+                                                 if epoch_number(p.name) is not None)]
+    mtimes = {}
+    for p in others:
+        try:
+            mtimes[p] = p.stat().st_mtime
+        except OSError:  # missing, or removed meanwhile
+            pass
+    last = folder / rundir.CHECKPOINT_LAST
+    return [last] * last.exists() + sorted(mtimes, key=mtimes.get, reverse=True)
+
+
+def resume_target(folder: Path, trust_last: bool = False) -> Path | None:
+    """The checkpoint a new attempt of this run would resume from: the first of :func:`candidates`
+    whose bytes match its sidecar. ``trust_last``: checkpoint_last was just written by the caller."""
+    for path in candidates(folder):
+        if (trust_last and path.name == rundir.CHECKPOINT_LAST) or is_good(path):
+            return path
+    return None
+
+
+# ---- the log line (written by the trainer) and the listing -----------------------------------------
+
+
+def log_line(name: str, digest: str, size: int, progress: dict, metrics: dict | None, ema: bool) -> dict:
+    """One line of checkpoints.jsonl for a checkpoint just written: ``progress`` is where training
+    stood (epoch, step_in_epoch, global_step), ``metrics`` the metrics.jsonl row measured on exactly
+    these weights (None for a checkpoint written mid-epoch)."""
+    m = metrics or {}
+    return {
+        "name": name,
+        "sha256": digest,
+        "bytes": size,
+        "epochs_done": progress["epoch"],
+        "step_in_epoch": progress["step_in_epoch"],
+        "global_step": progress["global_step"],
+        "acc1": m.get("acc1"),
+        "acc5": m.get("acc5"),
+        "ema_acc1": m.get("ema_acc1"),
+        "ema_acc5": m.get("ema_acc5"),
+        "ema": ema,
+    }
+
+
+def which(name: str) -> str:
+    """last / prev / best / epoch / other."""
+    return WHICH.get(name) or ("epoch" if epoch_number(name) is not None else "other")
+
+
+def list_checkpoints(run_dir: str | Path, verify: bool = False) -> list[dict]:
+    """Every ``*.pth`` of a run directory, ordered last, prev, best, then epoch N newest first.
+
+    Each row: run, name, path, which (last/prev/best/epoch/other), epoch (N of checkpoint_epoch{N},
+    else the epochs done from the log; None when unknown), the LOGGED fields (None without a log
+    line; ``ema``: EMA weights are inside), bytes, mtime, sha256 (the sidecar's; None without one),
+    sidecar (bool), logged (bool), verified (with ``verify``, a full read of every file: whether its
+    bytes hash to the sidecar's digest; None without ``verify`` or without a sidecar)."""
+    run_dir = Path(run_dir)
+    log = {row.get("sha256"): row for row in read_jsonl(run_dir / rundir.CHECKPOINT_LOG)}
+    rows = []
+    for path in run_dir.glob("*.pth"):
+        try:
+            st = path.stat()
+        except OSError:  # removed meanwhile
+            continue
+        digest = read_sidecar(path)
+        entry = log.get(digest) if digest else None
+        kind = which(path.name)
+        row = {"run": run_dir.name, "name": path.name, "path": str(path), "which": kind,
+               "epoch": epoch_number(path.name) if kind == "epoch" else (entry or {}).get("epochs_done"),
+               **{k: (entry or {}).get(k) for k in LOGGED}, "bytes": st.st_size, "mtime": st.st_mtime,
+               "sha256": digest, "sidecar": digest is not None, "logged": entry is not None,
+               "verified": is_good(path) if verify and digest else None}
+        rows.append(row)
+    return sorted(rows, key=lambda r: (ORDER[r["which"]], -(r["epoch"] or 0) if r["which"] == "epoch" else 0,
+                                       r["name"]))
+
+
+def totals(rows: list[dict]) -> dict:
+    """Per run (or over any rows): how many checkpoints, their bytes, and how many are damaged (a
+    verified mismatch) or have no sidecar."""
+    return {
+        "count": len(rows),
+        "bytes": sum(r["bytes"] for r in rows),
+        "damaged": sum(r["verified"] is False for r in rows),  # checked, and not what the sidecar says
+        "no_sidecar": sum(not r["sidecar"] for r in rows),
+    }
+
+
+# ---- retention -------------------------------------------------------------------------------------
+
+
+def to_remove(rows: list[dict], keep_last: int, keep_best: int = 0) -> list[dict]:
+    """Which periodic checkpoints a keep-last/keep-best policy drops (the listing's rows).
+
+    keep_last: the newest N checkpoint_epoch files stay; 0 keeps them all (no pruning at all).
+    keep_best: the K of them with the highest top-1 (as logged) stay as well."""
+    periodic = sorted((r for r in rows if r["which"] == "epoch"), key=lambda r: r["epoch"], reverse=True)
+    if keep_last <= 0:
+        return []
+    keep = {r["name"] for r in periodic[:keep_last]}
+    scored = sorted((r for r in periodic if r["acc1"] is not None), key=lambda r: (-r["acc1"], -r["epoch"]))
+    keep |= {r["name"] for r in scored[:keep_best]}
+    return [r for r in periodic if r["name"] not in keep]
+
+
+def prune(run_dir: str | Path, keep_last: int, keep_best: int = 0, dry_run: bool = False,
+          trust_last: bool = False) -> dict:
+    """Remove the periodic checkpoints (and their sidecars) that the policy drops; ``dry_run``
+    removes nothing. Never removes last, prev, best, nor :func:`resume_target` (whose search reads
+    checkpoint_last whole unless ``trust_last``: the trainer has just written it).
+
+    Returns {"run", "dry_run", "removed": [listing rows], "kept": [listing rows], "bytes": freed,
+    "resume": name of the checkpoint a new attempt would resume from; None when nothing was to go}."""
+    run_dir = Path(run_dir)
+    rows = list_checkpoints(run_dir)
+    drop = to_remove(rows, keep_last, keep_best)
+    resume = resume_target(run_dir, trust_last) if drop else None
+    if resume is not None:
+        drop = [r for r in drop if r["name"] != resume.name]
+    if not dry_run:
+        for r in drop:
+            for p in (Path(r["path"]), sidecar(Path(r["path"]))):  # data first: a lone sidecar is harmless
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:  # another pruner (the trainer, a second `tla`) was first
+                    pass
+    names = {r["name"] for r in drop}
+    return {"run": run_dir.name, "dry_run": dry_run, "removed": drop,
+            "kept": [r for r in rows if r["name"] not in names], "bytes": sum(r["bytes"] for r in drop),
+            "resume": resume.name if resume else None}
