@@ -11,20 +11,10 @@ ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 ARG BASE_IMAGE
-# Set by `tla image build` / docker/build.sh from the source tree; a plain `docker build .` gets "unknown".
-ARG TLA_VERSION=unknown
-ARG GIT_COMMIT=unknown
 # Extras of the package to add (comma-separated, e.g. "plot,data"); the training nodes need none.
 ARG TLA_EXTRAS=""
 # The non-root user's id (numeric, so that hosts and runtimes need not resolve a name).
 ARG TLA_UID=1000
-
-LABEL org.opencontainers.image.title="tla" \
-      org.opencontainers.image.description="DeiT training with Token-Label Alignment, and its SLURM orchestration" \
-      org.opencontainers.image.version="${TLA_VERSION}" \
-      org.opencontainers.image.revision="${GIT_COMMIT}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="${BASE_IMAGE}"
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # The official images build as root already; said explicitly for other bases.
@@ -48,6 +38,10 @@ RUN --mount=type=secret,id=pip_cert \
  && python -m pip install --no-cache-dir --disable-pip-version-check --progress-bar off \
         -c /opt/tla/base-constraints.txt -r /opt/tla/requirements.txt
 
+# Set by `tla image build` / docker/build.sh from the source tree; a plain `docker build .` gets "unknown".
+# Declared here, after the dependency layers: a build argument changes the cache key of every RUN
+# below it, so a new version or commit re-runs only the package's own steps.
+ARG TLA_VERSION=unknown
 # 3. The package itself (nothing left to resolve), then a check that the version label tells the truth.
 COPY README.md ./
 COPY tla_jobs ./tla_jobs
@@ -68,6 +62,14 @@ WORKDIR /workspace
 RUN rm -rf /opt/tla/src \
  && useradd --no-log-init --create-home --shell /bin/bash --uid "${TLA_UID}" --user-group tla \
  && chown tla:tla /workspace
+
+ARG GIT_COMMIT=unknown
+LABEL org.opencontainers.image.title="tla" \
+      org.opencontainers.image.description="DeiT training with Token-Label Alignment, and its SLURM orchestration" \
+      org.opencontainers.image.version="${TLA_VERSION}" \
+      org.opencontainers.image.revision="${GIT_COMMIT}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
 
 # The same facts as the labels, for programs inside (`tla --version` prints both).
 ENV TLA_IMAGE_VERSION=${TLA_VERSION} \
