@@ -56,6 +56,27 @@ def test_ema_weights_are_evaluated_at_each_epoch_and_stay_in_the_checkpoint(run,
     assert export(run / ckpt.LAST, tmp_path / "ema.safetensors", weights="ema")["weights"] == "ema"
 
 
+def test_eval_only_of_the_ema_weights_and_of_an_export_gives_the_epochs_figures(run, digits, tmp_path):
+    from tla_jobs.train.export import export
+
+    last = metrics(run)[-1]
+    args = [*FAST, "--data-path", digits, "--eval-only"]
+    run_tla("train", *args, "--resume", run / ckpt.LAST, "--eval-weights", "ema", "--output-dir", tmp_path / "a",
+            check=True)
+    result = json.loads((tmp_path / "a" / rundir.EVAL).read_text())
+    assert (result["acc1"], result["acc5"]) == pytest.approx((last["ema_acc1"], last["ema_acc5"]), abs=1e-9)
+    assert result["weights"] == "ema" and result["checkpoint_sha256"] == ckpt.file_sha256(run / ckpt.LAST)
+    exported = tmp_path / "ema.safetensors"
+    export(run / ckpt.LAST, exported, weights="ema")
+    run_tla("train", *args, "--resume", exported, "--output-dir", tmp_path / "b", check=True)
+    result = json.loads((tmp_path / "b" / rundir.EVAL).read_text())
+    assert result["acc1"] == pytest.approx(last["ema_acc1"], abs=1e-9) and result["export"]
+    assert result["checkpoint_sha256"] == ckpt.file_sha256(exported) and result["epoch"] == EPOCHS
+    proc = run_tla("train", *[a if a != "tla_vit_nano" else "tla_vit_micro" for a in args], "--resume", exported,
+                   "--output-dir", tmp_path / "c")
+    assert_clean_error(proc, "is a tla_vit_nano with 10 classes; this run is a tla_vit_micro")
+
+
 def test_config_yaml_repeats_the_run(run):
     payload, _ = ckpt.load(run / ckpt.LAST)
     text = (run / rundir.CONFIG_YAML).read_text()

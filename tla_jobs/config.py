@@ -92,6 +92,8 @@ class TrainConfig(BaseModel):
     dist_eval: bool = False
     resume: str = ""
     eval_only: bool = False
+    eval_weights: Literal["model", "ema"] = Field("model", description="--eval-only: the checkpoint's model weights "
+                                                  "or its EMA weights (saved by runs with --model-ema)")
     checkpoint_every_min: float = Field(10.0, ge=0, description="0 = only at epoch ends")
     checkpoint_every_epochs: int = Field(20, ge=0, description="keep checkpoint_epoch{N}.pth every N; 0 = never")
     keep_last: int = Field(0, ge=0, description="keep only the newest N checkpoint_epoch{N}.pth files (older ones "
