@@ -96,12 +96,14 @@ def _detail(st) -> None:
     console.print(t)
     if st.evals:
         ev_table = Table(title=f"eval jobs of {st.name}")
-        for col in ("eval", "job", "checkpoint", "state", "top-1", "top-5", "error"):
-            ev_table.add_column(col)
+        for col in ("eval", "job", "which", "checkpoint", "epoch", "sha256", "state", "top-1", "top-5", "error"):
+            ev_table.add_column(col, no_wrap=col in ("eval", "which", "sha256"))
         for ev in st.evals:
             state = f"[{STYLE.get(ev.state, '')}]{ev.state}[/]" if STYLE.get(ev.state) else ev.state
-            ev_table.add_row(escape(ev.eval_id), ev.job_id, escape(Path(ev.checkpoint).name), state, fmt(ev.acc1),
-                             fmt(ev.acc5), escape(ev.error or "-"))
+            which = ev.which + (" (EMA)" if ev.weights == "ema" and ev.which != "ema" else "")
+            ev_table.add_row(escape(ev.eval_id), ev.job_id, escape(which), escape(Path(ev.checkpoint).name),
+                             "-" if ev.epoch is None else str(ev.epoch), (ev.sha256 or "-")[:12], state,
+                             fmt(ev.acc1), fmt(ev.acc5), escape(ev.error or "-"))
         console.print(ev_table)
     if st.jobs:
         j = Table(title=f"scheduler records ({st.source})")

@@ -1,5 +1,7 @@
-"""`tla eval checkpoint`: which checkpoint of which run, with what data, and whether the eval job
-must wait for the run's training job (SLURM --dependency afterok) to evaluate what it ends with."""
+"""`tla eval checkpoint`: which weights of which run (artifacts.locate: --which best|last|ema|epoch:N,
+a checkpoint file or an export), with what data, and whether the eval job must wait for the run's
+training job (SLURM --dependency afterok) to evaluate what it ends with. run.json keeps each eval
+with the checkpoint it used (path, sha256, which); the job's eval.json has what it measured."""
 
 from __future__ import annotations
 
@@ -8,22 +10,8 @@ from pathlib import Path
 
 from tla_jobs import rundir
 from tla_jobs.errors import TlaError
-from tla_jobs.jobs import profiles, records
+from tla_jobs.jobs import artifacts, profiles, records
 from tla_jobs.jobs.scheduler import ACTIVE
-
-
-def checkpoint_of(target: str) -> tuple[Path, Path]:
-    """(run directory, checkpoint) for a checkpoint file inside a run, or a run (its newest checkpoint)."""
-    path = Path(target).expanduser()
-    if path.suffix == ".pth" or path.is_file():
-        if not path.is_file():
-            raise TlaError(f"checkpoint {path} does not exist")
-        ckpt = path.resolve()
-        if not (ckpt.parent / rundir.RUN_JSON).is_file():
-            raise TlaError(f"{ckpt} is not inside a tla run directory (no run.json beside it)")
-        return ckpt.parent, ckpt
-    run_dir = records.resolve(target)
-    return run_dir, run_dir / rundir.CHECKPOINT_LAST
 
 
 def dependency(run_dir: Path, record: dict, profile: profiles.Profile) -> str | None:
@@ -47,22 +35,41 @@ def _check_data(spec: dict) -> None:
     check_image_folder(data, verify_images=False)
 
 
-def submit(target: str, cluster: str | None = None, data_path: Path | None = None) -> tuple[Path, dict]:
+def _weights(target: str, which: str | None) -> artifacts.Weights:
+    """The weights to evaluate, in a run that can hold the result."""
+    src = artifacts.locate(target, which, exports=True)
+    if src.run_dir is None:
+        where = f"its source checkpoint {src.export.get('source_checkpoint')}" if src.export else src.path
+        raise TlaError(f"{where} is not inside a tla run directory (no run.json beside it); the eval's result "
+                       "is kept in the run it belongs to")
+    return src
+
+
+def submit(target: str, cluster: str | None = None, data_path: Path | None = None,
+           which: str | None = None) -> tuple[Path, dict]:
     """Submit the eval job; (the run directory, its eval entry in run.json)."""
     from tla_jobs.config import TrainConfig
+    from tla_jobs.jobs.entry import EvalJob
     from tla_jobs.jobs.submit import submit_eval
 
-    run_dir, ckpt = checkpoint_of(target)
+    src = _weights(target, which)
+    run_dir = src.run_dir
     record = records.load(run_dir)
+    if src.weights == "ema" and not record.get("spec", {}).get("model_ema"):
+        raise TlaError(f"run {run_dir.name} was trained without --model-ema: it has no EMA weights")
     profile = profiles.load(cluster) if cluster else profiles.Profile.model_validate(record["profile"])
     after = dependency(run_dir, record, profile)
-    if after is None and not ckpt.is_file():
-        raise TlaError(f"checkpoint {ckpt} does not exist (has the run trained an epoch yet?)")
+    if after is None and not src.path.is_file():
+        raise TlaError(f"checkpoint {src.path} does not exist (has the run trained an epoch yet?)")
     eval_id = f"eval-{int(time.time() * 1000)}"
-    spec = {**record["spec"], "resume": str(ckpt), "eval_only": True, "output_dir": str(rundir.eval_dir(run_dir,
-                                                                                                         eval_id))}
+    spec = {**record["spec"], "resume": str(src.path), "eval_only": True,
+            "output_dir": str(rundir.eval_dir(run_dir, eval_id))}
     if data_path:
         spec["data_path"] = str(data_path.expanduser().resolve())
     spec = TrainConfig(**spec).model_dump()
     _check_data(spec)
-    return run_dir, submit_eval(run_dir, profile, spec, after, eval_id)
+    # EMA weights and exports are evaluated through a weights-only checkpoint the job writes first
+    convert = src.weights == "ema" or src.export is not None
+    job = EvalJob(str(src.path), src.weights, src.export is not None) if convert else EvalJob()
+    known = {"checkpoint_sha256": src.sha256, "which": src.which, "weights": src.weights}
+    return run_dir, submit_eval(run_dir, profile, spec, after, eval_id, job, known)

@@ -21,21 +21,43 @@ PAPER = {
     "swin_small_patch4_window7_224": (83.0, 83.4),
     "swin_base_patch4_window7_224": (83.5, 83.7),
 }
-COLUMNS = ["run", "state", "model", "mixing", "epochs", "best_acc1", "best_acc5", "last_acc1", "last_acc5",
-           "eval_acc1", "eval_acc5", "gpu_hours"]
+COLUMNS = ["run", "state", "model", "mixing", "epochs_done", "epochs", "lr", "global_batch", "seed", "best_acc1",
+           "best_acc5", "last_acc1", "last_acc5", "eval_which", "eval_epoch", "eval_acc1", "eval_acc5", "gpu_hours"]
 
 
-def _latest_eval(st: RunStatus) -> dict | None:
-    best = None
+def _latest_eval(st: RunStatus) -> tuple[dict, dict]:
+    """The newest finished eval job of the run: (its run.json entry, its eval.json); empty dicts for none."""
+    best: tuple[dict, dict] = ({}, {})
     for ev in st.record.get("evals", []):
         if not ev.get("output_dir"):
             continue
         res, problem = damage.eval_result(Path(ev["output_dir"]))
         if problem and problem not in st.problems:
             st.problems.append(problem)
-        if res is not None and (best is None or res.get("time", 0) > best.get("time", 0)):
-            best = res
+        if res is not None and res.get("time", 0) >= best[1].get("time", 0):
+            best = (ev, res)
     return best
+
+
+def world_size(st: RunStatus) -> int | None:
+    """Ranks of the run's newest attempt (as the trainer recorded them), else what its newest
+    submission asked for; None for neither."""
+    for a in reversed(st.attempts):
+        if isinstance(a["start"].get("world_size"), int):
+            return a["start"]["world_size"]
+    sub = (st.record.get("submissions") or [None])[-1]
+    if isinstance(sub, dict) and isinstance(sub.get("nodes"), int) and isinstance(sub.get("tasks_per_node"), int):
+        return sub["nodes"] * sub["tasks_per_node"]
+    return None
+
+
+def _training(st: RunStatus) -> dict:
+    """lr (the spec's, else the trainer's default 5e-4 x global batch / 512), global batch and seed."""
+    spec, world = st.spec, world_size(st)
+    batch = spec.get("batch_size")
+    global_batch = batch * world if isinstance(batch, int) and world else None
+    lr = spec.get("lr") or (5e-4 * global_batch / 512 if global_batch else None)
+    return {"lr": lr, "global_batch": global_batch, "seed": spec.get("seed")}
 
 
 def rows(statuses: list[RunStatus], paper: bool = False) -> list[dict]:
@@ -44,19 +66,31 @@ def rows(statuses: list[RunStatus], paper: bool = False) -> list[dict]:
         spec = st.spec
         best = st.progress["best"] or {}
         last = st.progress["last"] or {}
-        ev = _latest_eval(st) or {}
+        entry, ev = _latest_eval(st)
         row = {
-            "run": st.name, "state": st.state, "model": spec.get("model", ""),
-            "mixing": _mixing(st), "epochs": f"{st.epoch}/{spec.get('epochs', '?')}",
+            "run": st.name, "state": st.state, "model": spec.get("model", ""), "mixing": _mixing(st),
+            "epochs_done": st.epoch, "epochs": spec.get("epochs"), **_training(st),
             "best_acc1": best.get("acc1"), "best_acc5": best.get("acc5"), "last_acc1": last.get("acc1"),
-            "last_acc5": last.get("acc5"), "eval_acc1": ev.get("acc1"), "eval_acc5": ev.get("acc5"),
-            "gpu_hours": round(st.gpu_hours, 3),
+            "last_acc5": last.get("acc5"), "eval_which": _which(entry, ev),
+            "eval_epoch": ev.get("epoch") if isinstance(ev.get("epoch"), int) else None,
+            "eval_acc1": ev.get("acc1"), "eval_acc5": ev.get("acc5"), "gpu_hours": round(st.gpu_hours, 3),
         }
         if paper:
             ref = PAPER.get(spec.get("model", ""))
             row["paper_acc1"] = (ref[1] if spec.get("tl_align", True) else ref[0]) if ref else None
         out.append(row)
     return out
+
+
+def _which(entry: dict, ev: dict) -> str | None:
+    """What the eval evaluated: best, last, ema, epoch:N, export... (with " ema" for the EMA weights
+    of another choice); None without an eval."""
+    if not ev:
+        return None
+    from tla_jobs.jobs.artifacts import label
+
+    which = entry.get("which") or label(Path(str(ev.get("checkpoint") or entry.get("checkpoint", ""))).name)
+    return which + (" ema" if entry.get("weights") == "ema" and which != "ema" else "")
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:

@@ -29,6 +29,10 @@ class EvalStatus:
     acc1: float | None = None
     acc5: float | None = None
     error: str = ""
+    which: str = ""  # best, last, ema, epoch:N, prev, file, export
+    sha256: str | None = None  # of the checkpoint evaluated (eval.json's, else the one recorded at submission)
+    epoch: int | None = None  # the epochs done of the weights evaluated (from eval.json)
+    weights: str = "model"  # or ema
 
 
 @dataclass
@@ -240,11 +244,18 @@ def decide(sched: str | None, attempt: dict | None, summary: dict | None, record
 
 
 def _eval_status(path: Path, entry: dict, view: SchedulerView) -> EvalStatus:
+    from tla_jobs.jobs.artifacts import label  # entries written before --which: from the file's name
+
     job = job_of(entry)
     folder = local.folder_of(entry, path)
     out = Path(entry.get("output_dir") or rundir.eval_dir(path, str(entry.get("eval_id", ""))))
-    ev = EvalStatus(str(entry.get("eval_id", "")), job, str(entry.get("checkpoint", "")), "UNKNOWN", "")
+    ev = EvalStatus(str(entry.get("eval_id", "")), job, str(entry.get("checkpoint", "")), "UNKNOWN", "",
+                    which=str(entry.get("which") or label(Path(str(entry.get("checkpoint", ""))).name)),
+                    sha256=entry.get("checkpoint_sha256"), weights=str(entry.get("weights") or "model"))
     result, problem = damage.eval_result(out)
+    if result is not None:
+        ev.sha256 = result.get("checkpoint_sha256") or ev.sha256
+        ev.epoch = result.get("epoch") if isinstance(result.get("epoch"), int) else None
     if entry.get("executor") == "slurm":
         recs = view.jobs.get(job, [])
         sched, ev.source = (recs[-1].state, view.source) if recs else (None, view.source)

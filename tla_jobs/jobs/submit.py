@@ -93,14 +93,15 @@ def submit_train(plan: Plan, reason: str = "submit") -> dict:
     return entry
 
 
-def submit_eval(run_dir: Path, profile: Profile, spec: dict, dependency: str | None, eval_id: str) -> dict:
-    from tla_jobs.jobs.entry import EvalJob
-
+def submit_eval(run_dir: Path, profile: Profile, spec: dict, dependency: str | None, eval_id: str, fn,
+                extra: dict) -> dict:
+    """Queue ``fn`` (an EvalJob) on ``spec``; run.json's entry keeps ``extra`` (the checkpoint's
+    sha256, which weights) beside the checkpoint's path."""
     ex = executor_for(profile, run_dir / rundir.SUBMITIT_DIR, f"{run_dir.name}-eval", run_dir,
                        [spec.get("data_path", "")], dependency)
     with _queueing():
-        job = ex.submit(EvalJob(), spec)
-    entry = {**_submission(job, "eval", profile), "eval_id": eval_id, "checkpoint": spec["resume"],
+        job = ex.submit(fn, spec)
+    entry = {**_submission(job, "eval", profile), "eval_id": eval_id, "checkpoint": spec["resume"], **extra,
              "dependency": dependency, "output_dir": spec["output_dir"]}
     records.update(run_dir, lambda r: r["evals"].append(entry))
     return entry

@@ -1,0 +1,69 @@
+"""`tla export`: one set of a run's weights as a file plain timm loads (tla_jobs/train/export.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from tla_jobs.cli.app import app, guard
+from tla_jobs.cli.show import console
+from tla_jobs.errors import TlaError
+
+SUFFIX = {".safetensors": "safetensors", ".pth": "pth"}
+
+
+def _check_out(out: Path, fmt: str | None, force: bool) -> str:
+    """The format to write OUT in; refuses a name timm would read with the wrong loader (it picks
+    safetensors by the suffix), a format that contradicts it, and an existing file without --force."""
+    if fmt is not None and fmt not in SUFFIX.values():
+        raise TlaError(f"--format must be safetensors or pth, not {fmt!r}")
+    by_name = SUFFIX.get(out.suffix)
+    if by_name is None:
+        raise TlaError(f"{out}: the file name must end in .safetensors or .pth (timm picks its reader by the suffix)")
+    if fmt is not None and fmt != by_name:
+        raise TlaError(f"--format {fmt} does not match the file name {out.name} (a {by_name} name)")
+    if out.is_dir():
+        raise TlaError(f"{out} is a directory: give a file name")
+    if out.exists() and not force:
+        raise TlaError(f"{out} already exists; --force replaces it")
+    return by_name
+
+
+@app.command("export")
+@guard
+def export_command(
+    target: str = typer.Argument(..., help="A run (name or directory) or a checkpoint file."),
+    out: Path = typer.Argument(..., help="The file to write: NAME.safetensors (no pickle) or NAME.pth."),
+    which: str = typer.Option(None, "--which", help="Of a run: best (default), last, ema (the EMA weights of "
+                              "the last checkpoint) or epoch:N. Of a checkpoint file: ema for its EMA weights."),
+    fmt: str = typer.Option(None, "--format", help="safetensors or pth (default: OUT's suffix says)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
+) -> None:
+    """Write one set of weights (no optimizer state) with the model name, class names, input size,
+    mean/std and crop as metadata: a file plain timm loads, without tla installed."""
+    from tla_jobs.jobs.artifacts import locate
+
+    fmt = _check_out(out, fmt, force)
+    src = locate(target, which, default="best")
+    from tla_jobs.train.export import export, load_line  # torch and timm: only now
+
+    meta = export(src.path, out, weights=src.weights, fmt=fmt)
+    line = load_line(meta, str(out))
+    if as_json:
+        typer.echo(json.dumps({"out": str(out.resolve()), "format": fmt, "bytes": out.stat().st_size,
+                               "which": src.which, "load_line": line, "metadata": meta}))
+        return
+    classes = json.loads(meta["class_names"])
+    shown = ", ".join(classes[:6]) + (", ..." if len(classes) > 6 else "")
+    console.print(f"wrote {escape(str(out))} ({fmt}, {out.stat().st_size / 1e6:.1f} MB): {meta['model_name']}, "
+                  f"{meta['weights']} weights of {src.path.name} (epoch {meta['epoch']}, sha256 "
+                  f"{meta['source_sha256'][:12]}…)", highlight=False)
+    console.print(f"  {meta['num_classes']} classes ({escape(shown)}); input {json.loads(meta['input_size'])}, "
+                  f"mean {json.loads(meta['mean'])}, std {json.loads(meta['std'])}, crop {meta['crop_pct']} "
+                  f"{meta['interpolation']}", highlight=False)
+    console.print("load it with plain timm:", highlight=False)
+    console.print(f"  import timm; model = {escape(line)}", highlight=False, soft_wrap=True)
