@@ -15,6 +15,7 @@ from conftest import run_tla
 from helpers_runs import EPOCHS, RECIPE, trained_run
 
 from tla_jobs import rundir
+from tla_jobs.errors import TlaError
 from tla_jobs.jobs import checkpoints
 from tla_jobs.train import checkpoint as ckpt
 
@@ -136,3 +137,13 @@ def test_prune_with_a_damaged_last_keeps_prev_and_last(copy):
     res = checkpoints.prune(copy, keep_last=1)
     assert res["resume"] == newest.name == ckpt.load_latest(copy)[2].name
     assert last.exists() and newest.exists() and (copy / ckpt.BEST).exists()
+
+
+def test_which_names_a_file_of_the_run(run):
+    assert checkpoints.select(run, "best") == (run / ckpt.BEST, "model")
+    assert checkpoints.select(run, "ema") == (run / ckpt.LAST, "ema")
+    assert checkpoints.select(run, f"epoch:{EPOCHS}") == (run / rundir.CHECKPOINT_EPOCH.format(epoch=EPOCHS), "model")
+    with pytest.raises(TlaError, match="has no checkpoint_epoch999.pth .its checkpoints: checkpoint_last.pth"):
+        checkpoints.select(run, "epoch:999")
+    with pytest.raises(TlaError, match="one of best, last"):
+        checkpoints.select(run, "newest")

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 from tla_jobs import rundir
+from tla_jobs.errors import TlaError
 from tla_jobs.fsutil import read_jsonl
 
 WHICH = {rundir.CHECKPOINT_LAST: "last", rundir.CHECKPOINT_PREV: "prev", rundir.CHECKPOINT_BEST: "best"}
@@ -154,6 +155,24 @@ def totals(rows: list[dict]) -> dict:
         "damaged": sum(r["verified"] is False for r in rows),  # checked, and not what the sidecar says
         "no_sidecar": sum(not r["sidecar"] for r in rows),
     }
+
+
+def select(run_dir: str | Path, choice: str) -> tuple[Path, str]:
+    """`--which` of `tla eval checkpoint` / `tla export`: best, last, ema (checkpoint_last's EMA
+    weights), prev or epoch:N → (the checkpoint file, "model" or "ema": the trainer's --eval-weights).
+    A choice that names no file of the run is a one-line TlaError."""
+    run_dir = Path(run_dir)
+    names = {"best": rundir.CHECKPOINT_BEST, "last": rundir.CHECKPOINT_LAST, "ema": rundir.CHECKPOINT_LAST,
+             "prev": rundir.CHECKPOINT_PREV}
+    m = re.fullmatch(r"epoch:(\d+)", choice)
+    name = rundir.CHECKPOINT_EPOCH.format(epoch=int(m.group(1))) if m else names.get(choice)
+    if name is None:
+        raise TlaError(f"--which {choice!r}: one of best, last, ema, prev, epoch:N")
+    path = run_dir / name
+    if not path.is_file():
+        kept = ", ".join(r["name"] for r in list_checkpoints(run_dir)) or "none"
+        raise TlaError(f"{run_dir.name} has no {name} (its checkpoints: {kept})")
+    return path, "ema" if choice == "ema" else "model"
 
 
 # ---- retention -------------------------------------------------------------------------------------
