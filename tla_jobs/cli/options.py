@@ -11,6 +11,7 @@ import functools
 import inspect
 import types
 import typing
+from pathlib import Path
 
 import typer
 
@@ -78,9 +79,39 @@ def _with_options(fn, params: list[inspect.Parameter], into: str, after: str | N
     return wrapper
 
 
-def with_train_options(fn):
-    """Append the trainer options to ``fn``'s own; ``fn`` receives them as ``train_kwargs``."""
-    return _with_options(fn, train_parameters(), "train_kwargs")
+CONFIG_HELP = ("A YAML recipe of trainer options (field names: batch_size: 128, model: ...; a run's config.yaml "
+               "repeats that run); options typed on the command line override the file.")
+
+
+def _typed(ctx, name: str) -> bool:
+    """The option was given on the command line (not its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def with_train_options(fn=None, *, not_from_file: tuple[str, ...] = ()):
+    """Append the trainer options and --config FILE to ``fn``'s own; ``fn`` receives them as
+    ``train_kwargs``: the defaults, the file's values over them (except ``not_from_file``), the
+    options typed on the command line over both."""
+    if fn is None:
+        return functools.partial(with_train_options, not_from_file=not_from_file)
+
+    @functools.wraps(fn)
+    def merged(*, train_kwargs: dict, **kwargs):
+        ctx, config = train_kwargs.pop("ctx"), train_kwargs.pop("config")
+        if config is not None:
+            from tla_jobs.config import load_config_file
+
+            recipe = {k: v for k, v in load_config_file(config).items() if k not in not_from_file}
+            typed = {k: v for k, v in train_kwargs.items() if _typed(ctx, k)}
+            train_kwargs = {**train_kwargs, **recipe, **typed}
+        return fn(**kwargs, train_kwargs=train_kwargs)
+
+    option = typer.Option(None, "--config", help=CONFIG_HELP, rich_help_panel="Trainer options")
+    extra = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
+             inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=option,
+                               annotation=typing.Optional[Path])]  # noqa: UP045 (typer inspects typing.Optional)
+    return _with_options(merged, extra + train_parameters(), "train_kwargs")
 
 
 # Resource overrides of `submit train`, `submit sweep` and `resume`: (parameter, flag, help); the values

@@ -61,7 +61,7 @@ def _announce(entry: dict, as_json: bool, follow: bool, run_dir: Path, text: str
 
 @submit_app.command("train")
 @guard
-@with_train_options
+@with_train_options(not_from_file=("output_dir",))  # a run's config.yaml names its own folder; this run is RUNS/NAME
 @with_resource_options
 def submit_train(
     name: str = typer.Option(..., "--name", help="Run name (a safe file name); the run lives in RUNS/NAME."),
@@ -94,7 +94,7 @@ def submit_train(
 
 @submit_app.command("sweep")
 @guard
-@with_train_options
+@with_train_options(not_from_file=("output_dir",))
 @with_resource_options
 def submit_sweep(
     name: str = typer.Option(..., "--name", help="Sweep name; each run is NAME-MODEL-{tla,base}-sSEED."),
