@@ -20,8 +20,8 @@ app.add_typer(eval_app, name="eval")
 def eval_checkpoint(
     target: str = typer.Argument(..., help="A run (name or directory), one of its checkpoint files, or an export "
                                  "of one (`tla export`)."),
-    which: str = typer.Option(None, "--which", help="Of a run: last (default), best, ema (the EMA weights of the "
-                              "last checkpoint) or epoch:N. Of a checkpoint file: ema for its EMA weights."),
+    which: str = typer.Option(None, "--which", help="Of a run: last (default), best, prev, ema (the EMA weights of "
+                              "the last checkpoint) or epoch:N. Of a checkpoint file: ema for its EMA weights."),
     cluster: str = typer.Option(None, "--cluster", help=PROFILE_HELP + " Default: the run's own profile."),
     data_path: Path = typer.Option(None, "--data-path", help="Dataset root (default: the run's)."),
     as_json: bool = typer.Option(False, "--json"),

@@ -37,8 +37,8 @@ def _check_out(out: Path, fmt: str | None, force: bool) -> str:
 def export_command(
     target: str = typer.Argument(..., help="A run (name or directory) or a checkpoint file."),
     out: Path = typer.Argument(..., help="The file to write: NAME.safetensors (no pickle) or NAME.pth."),
-    which: str = typer.Option(None, "--which", help="Of a run: best (default), last, ema (the EMA weights of "
-                              "the last checkpoint) or epoch:N. Of a checkpoint file: ema for its EMA weights."),
+    which: str = typer.Option(None, "--which", help="Of a run: best (default), last, prev, ema (the EMA weights "
+                              "of the last checkpoint) or epoch:N. Of a checkpoint file: ema for its EMA weights."),
     fmt: str = typer.Option(None, "--format", help="safetensors or pth (default: OUT's suffix says)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),

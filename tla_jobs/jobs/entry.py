@@ -85,69 +85,13 @@ class TrainJob:
 
 
 class EvalJob:
-    """--eval-only of spec["resume"]. With a ``source`` (EMA weights of a checkpoint, or an export):
-    the job first writes a weights-only tla checkpoint of those weights into its output folder,
-    evaluates that, removes it, and eval.json names the source (its path and sha256)."""
-
-    def __init__(self, source: str | None = None, weights: str = "model", export: bool = False):
-        self.source, self.weights, self.export = source, weights, export
-
     def __call__(self, spec: dict) -> dict:
         from tla_jobs.config import TrainConfig
         from tla_jobs.train.loop import train
 
-        source = getattr(self, "source", None)  # jobs pickled by older versions have none
-        if not source:
-            return train(TrainConfig(**{**spec, "eval_only": True}))
-        out = Path(spec["output_dir"])
-        out.mkdir(parents=True, exist_ok=True)
-        copy, digest = weights_checkpoint(Path(source), self.weights, self.export, out)
-        try:
-            result = train(TrainConfig(**{**spec, "resume": str(copy), "eval_only": True}))
-        finally:
-            for p in (copy, copy.with_name(copy.name + ".sha256")):
-                p.unlink(missing_ok=True)
-        result = {**result, "checkpoint": str(source), "checkpoint_sha256": digest, "weights": self.weights}
-        if rundir_is_main():
-            from tla_jobs import rundir
-            from tla_jobs.fsutil import atomic_write_json
-
-            atomic_write_json(out / rundir.EVAL, result)
-        return result
+        return train(TrainConfig(**{**spec, "eval_only": True}))
 
     def checkpoint(self, spec: dict):
         import submitit
 
         return submitit.helpers.DelayedSubmission(self, spec)
-
-
-def weights_checkpoint(source: Path, weights: str, export: bool, folder: Path) -> tuple[Path, str]:
-    """A tla checkpoint in ``folder`` whose model weights are ``weights`` of ``source`` (a verified
-    checkpoint, or an export), for the trainer's --eval-only; returns it and the source's sha256."""
-    import torch
-
-    from tla_jobs.errors import CheckpointError
-    from tla_jobs.jobs.checkpoints import file_sha256
-    from tla_jobs.train import checkpoint as ckpt
-
-    if export:
-        from tla_jobs.train.export import read_metadata
-
-        meta, digest = read_metadata(source), file_sha256(source)
-        if source.suffix == ".pth":
-            state = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
-        else:
-            from safetensors.torch import load_file
-
-            state = load_file(str(source))
-        head = {"model_name": meta["model_name"], "num_classes": int(meta["num_classes"]),
-                "epoch": int(meta["epoch"]) if meta.get("epoch", "").isdigit() else 0}
-    else:
-        payload, digest = ckpt.load(source)
-        state = payload.get(weights)
-        if not state:
-            raise CheckpointError(f"{source} has no {weights} weights (EMA is saved only by runs with --model-ema)")
-        head = {k: payload[k] for k in ("model_name", "num_classes", "epoch")}
-    name = f"weights-rank{os.environ.get('SLURM_PROCID', os.environ.get('SUBMITIT_LOCAL_GLOBALID', '0'))}.pth"
-    data, sha = ckpt.serialize({"format": ckpt.FORMAT, **head, "model": state})
-    return ckpt.write(folder, name, data, sha), digest

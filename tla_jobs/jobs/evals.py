@@ -37,7 +37,7 @@ def _check_data(spec: dict) -> None:
 
 def _weights(target: str, which: str | None) -> artifacts.Weights:
     """The weights to evaluate, in a run that can hold the result."""
-    src = artifacts.locate(target, which, exports=True)
+    src = artifacts.locate(target, which, exports=True, missing_ok=True)
     if src.run_dir is None:
         where = f"its source checkpoint {src.export.get('source_checkpoint')}" if src.export else src.path
         raise TlaError(f"{where} is not inside a tla run directory (no run.json beside it); the eval's result "
@@ -62,14 +62,11 @@ def submit(target: str, cluster: str | None = None, data_path: Path | None = Non
     if after is None and not src.path.is_file():
         raise TlaError(f"checkpoint {src.path} does not exist (has the run trained an epoch yet?)")
     eval_id = f"eval-{int(time.time() * 1000)}"
-    spec = {**record["spec"], "resume": str(src.path), "eval_only": True,
+    spec = {**record["spec"], "resume": str(src.path), "eval_only": True, "eval_weights": src.weights,
             "output_dir": str(rundir.eval_dir(run_dir, eval_id))}
     if data_path:
         spec["data_path"] = str(data_path.expanduser().resolve())
     spec = TrainConfig(**spec).model_dump()
     _check_data(spec)
-    # EMA weights and exports are evaluated through a weights-only checkpoint the job writes first
-    convert = src.weights == "ema" or src.export is not None
-    job = EvalJob(str(src.path), src.weights, src.export is not None) if convert else EvalJob()
     known = {"checkpoint_sha256": src.sha256, "which": src.which, "weights": src.weights}
-    return run_dir, submit_eval(run_dir, profile, spec, after, eval_id, job, known)
+    return run_dir, submit_eval(run_dir, profile, spec, after, eval_id, EvalJob(), known)

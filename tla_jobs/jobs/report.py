@@ -90,7 +90,7 @@ def _which(entry: dict, ev: dict) -> str | None:
     from tla_jobs.jobs.artifacts import label
 
     which = entry.get("which") or label(Path(str(ev.get("checkpoint") or entry.get("checkpoint", ""))).name)
-    return which + (" ema" if entry.get("weights") == "ema" and which != "ema" else "")
+    return which + (" ema" if (ev.get("weights") or entry.get("weights")) == "ema" and which != "ema" else "")
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:

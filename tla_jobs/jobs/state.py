@@ -255,6 +255,7 @@ def _eval_status(path: Path, entry: dict, view: SchedulerView) -> EvalStatus:
     result, problem = damage.eval_result(out)
     if result is not None:
         ev.sha256 = result.get("checkpoint_sha256") or ev.sha256
+        ev.weights = str(result.get("weights") or ev.weights)  # an export's: what it was made of
         ev.epoch = result.get("epoch") if isinstance(result.get("epoch"), int) else None
     if entry.get("executor") == "slurm":
         recs = view.jobs.get(job, [])
