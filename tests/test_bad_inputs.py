@@ -17,8 +17,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import run_tla
-from helpers_jobs import PROFILES, tla
+from conftest import PROFILES, run_tla, runs_env, tla
 
 from tla_jobs.rundir import metrics_summary
 
@@ -77,7 +76,7 @@ def world(tmp_path):
     root = tmp_path / "runs"
     make_run(root, "good-a", 70.0)
     make_run(root, "good-b", 80.0, evals=True)
-    env = {"TLA_RUNS": str(root), "TLA_CLUSTER_CONFIGS": str(tmp_path / "profiles")}
+    env = runs_env(root, tmp_path / "profiles")
     (tmp_path / "profiles").mkdir()
     return root, env
 

@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT, assert_clean_error, wait_for
-from helpers_jobs import PROFILES, tla
-from helpers_jobs import status as status_json
+from conftest import FAST, ROOT, assert_clean_error, runs_env, tla, wait_for
+from conftest import status as status_json
 from typer.testing import CliRunner
 
 GOLDEN = ROOT / "tests" / "golden"
@@ -23,11 +22,11 @@ GOLDEN = ROOT / "tests" / "golden"
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     """A fresh runs root and the test profiles, for subprocesses and in-process calls alike."""
-    runs = tmp_path / "runs"
-    values = {"TLA_RUNS": str(runs), "TLA_CLUSTER_CONFIGS": str(PROFILES)}
-    for k, v in values.items():
-        monkeypatch.setenv(k, v)
-    return {"runs": runs, **values}
+    env = runs_env(tmp_path / "runs")
+    for k, v in env.items():
+        if k != "runs":
+            monkeypatch.setenv(k, v)
+    return env
 
 
 def test_help_and_fast_commands_do_not_import_torch(env):

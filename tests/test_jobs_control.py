@@ -14,14 +14,12 @@ import sys
 import time
 
 import pytest
-from conftest import FAST, assert_clean_error, wait_for
-from helpers_jobs import PROFILES, status, tla
+from conftest import FAST, PROFILES, assert_clean_error, runs_env, status, tla, wait_for
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("ctl") / "runs"
-    return {"TLA_RUNS": str(runs), "TLA_CLUSTER_CONFIGS": str(PROFILES), "runs": runs}
+    return runs_env(tmp_path_factory.mktemp("ctl") / "runs")
 
 
 def alive(pid: int) -> bool:

@@ -9,25 +9,15 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT, assert_clean_error
-from helpers_jobs import PROFILES, status, tla
+from conftest import CLUSTER, FAST, assert_clean_error, runs_env, sh, status, tla, wait_for
 
 pytestmark = [pytest.mark.slurm]
-CLUSTER = ROOT / "tests" / "slurm_cluster" / "cluster.sh"
 STATE = os.environ.get("TLA_SLURM_STATE", "/var/tmp/tla-slurm")
-
-
-def sh(*cmd, check=True, timeout=120) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} exited {proc.returncode}: {proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -39,35 +29,32 @@ def cluster():
 
 @pytest.fixture
 def env(tmp_path, cluster):
-    runs = tmp_path / "runs"
-    return {"TLA_RUNS": str(runs), "TLA_CLUSTER_CONFIGS": str(PROFILES), "runs": runs}
+    return runs_env(tmp_path / "runs")
 
 
 def wait_state(env, run, states, timeout=240) -> dict:
-    deadline = time.time() + timeout
     seen = []
-    while time.time() < deadline:
+
+    def reached():
         st = status(env, run)
         if not seen or seen[-1] != st["state"]:
             seen.append(st["state"])
-        if st["state"] in states:
-            st["seen"] = seen
-            return st
-        time.sleep(1)
-    raise AssertionError(f"{run} never reached {states}; seen {seen}; logs:\n"
-                         + tla(env, "logs", run).stdout[-3000:])
+        return {**st, "seen": seen} if st["state"] in states else None
+
+    def what() -> str:
+        return f"{run} to reach {states}; seen {seen}; logs:\n" + tla(env, "logs", run).stdout[-3000:]
+
+    return wait_for(reached, timeout, every=1, what=what)
 
 
 def wait_step(env, run, step, timeout=240) -> dict:
     beat_path = env["runs"] / run / "heartbeat.json"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if beat_path.exists():
-            beat = json.loads(beat_path.read_text())
-            if beat.get("global_step", 0) >= step and beat.get("phase") == "training":
-                return beat
-        time.sleep(0.5)
-    raise AssertionError(f"{run} never reached step {step}")
+
+    def beat():
+        b = json.loads(beat_path.read_text()) if beat_path.exists() else {}
+        return b if b.get("global_step", 0) >= step and b.get("phase") == "training" else None
+
+    return wait_for(beat, timeout, what=f"{run} to reach step {step}")
 
 
 def submit(env, name, *extra, digits, epochs=2, cluster="testslurm"):

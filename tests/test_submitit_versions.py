@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from helpers_jobs import PROFILES
+from conftest import PROFILES
 
 OLDEST = "1.5.0"
 
