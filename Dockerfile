@@ -11,8 +11,8 @@ ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 ARG BASE_IMAGE
-# Extras of the package to add (comma-separated, e.g. "plot,data"); the training nodes need none.
-ARG TLA_EXTRAS=""
+# Extras of the package to add (comma-separated, e.g. "tb,plot"): tb (TensorBoard event files) by default.
+ARG TLA_EXTRAS="tb"
 # The non-root user's id (numeric, so that hosts and runtimes need not resolve a name).
 ARG TLA_UID=1000
 
