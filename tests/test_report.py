@@ -24,7 +24,7 @@ ACC = {("tla", 0): 71.0, ("tla", 1): 73.0, ("tla", 2): 75.0, ("grid", 0): 70.0, 
 def _run(root, name, model, arm, seed, sweep, acc):
     d = root / name
     d.mkdir(parents=True)
-    spec = {"model": model, "epochs": 3, "seed": seed, **ARMS[arm]}
+    spec = {"model": model, "epochs": 3, "seed": seed, "batch_size": 64, "lr": None, **ARMS[arm]}
     # a local job whose process has ended (no such pid), as a finished sweep leaves it
     record = {"name": name, "spec": spec, "sweep": sweep, "profile": {"executor": "local"},
               "submissions": [{"job_id": "4999999", "executor": "local", "submitted": time.time()}],
@@ -37,7 +37,7 @@ def _run(root, name, model, arm, seed, sweep, acc):
     (d / "summary.json").write_text(json.dumps({"state": "completed", "best_acc1": acc}))
     who = {"job_id": "4999999", "restart_count": 0, "executor": "local"}  # as the trainer records its attempts
     (d / "attempts.jsonl").write_text(json.dumps({"event": "start", "epoch": 0, "global_step": 0, "time": time.time(),
-                                                  **who})
+                                                  "world_size": 4, **who})
                                       + "\n" + json.dumps({"event": "end", "reason": "completed", "epoch": 3, **who})
                                       + "\n")
 
@@ -94,3 +94,27 @@ def test_status_hides_runs_that_ended_long_ago_unless_all(runs):
     table = run_tla("status", env=runs, check=True).stdout
     assert "1 run(s) that ended over 14 days ago are not shown" in table
     assert "abl-grid-s0" in run_tla("status", "abl-grid-s0", env=runs, check=True).stdout  # named: always shown
+
+
+def test_json_and_csv_give_numbers_the_run_s_recipe_and_the_checkpoint_evaluated(runs):
+    run = Path(runs["TLA_RUNS"]) / "abl-tla-s1"
+    out = run / "evals" / "eval-1"
+    out.mkdir(parents=True)
+    (out / "eval.json").write_text(json.dumps({"acc1": 72.5, "acc5": 96.0, "time": time.time(), "epoch": 2,
+                                               "checkpoint": str(run / "checkpoint_epoch2.pth"), "weights": "ema"}))
+    record = json.loads((run / "run.json").read_text())
+    record["spec"]["lr"] = 1e-3
+    record["evals"].append({"eval_id": "eval-1", "job_id": "4999998", "executor": "local", "output_dir": str(out),
+                            "checkpoint": str(run / "checkpoint_epoch2.pth"), "which": "epoch:2", "weights": "ema"})
+    (run / "run.json").write_text(json.dumps(record))
+    table = {r["run"]: r for r in json.loads(run_tla("report", "--format", "json", env=runs, check=True).stdout)}
+    row, other = table["abl-tla-s1"], table["abl-grid-s0"]
+    assert row["epochs"] == 3 and row["epochs_done"] == 3 and row["seed"] == 1 and row["mixing"] == "tl-align"
+    assert row["global_batch"] == 256 and row["lr"] == 1e-3  # 64 per rank x 4 ranks; the spec's lr
+    assert other["lr"] == pytest.approx(5e-4 * 256 / 512)  # none given: the trainer's default for the global batch
+    assert (row["eval_which"], row["eval_epoch"], row["eval_acc1"]) == ("epoch:2 ema", 2, 72.5)
+    assert other["eval_which"] is None and other["eval_epoch"] is None
+    lines = run_tla("report", "abl-tla-s1", "--format", "csv", env=runs, check=True).stdout.splitlines()
+    csv = dict(zip(lines[0].split(","), lines[1].split(",")))
+    assert csv["epochs"] == "3" and csv["epochs_done"] == "3" and csv["global_batch"] == "256"
+    assert csv["eval_which"] == "epoch:2 ema" and csv["seed"] == "1"
