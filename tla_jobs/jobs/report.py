@@ -150,7 +150,7 @@ def fmt(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.2f}"
+        return f"{v:.2g}" if 0 < abs(v) < 0.01 else f"{v:.2f}"  # a learning rate, not 0.00
     return str(v)
 
 
