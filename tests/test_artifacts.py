@@ -137,3 +137,34 @@ def test_eval_refusals(world, tmp_path):
     assert_clean_error(tla(world, "eval", "checkpoint", outside), "not inside a tla run directory")
     assert_clean_error(tla(world, "eval", "checkpoint", outside, "--which", "ema"), "not EMA ones")
     assert_clean_error(tla(world, "eval", "checkpoint", outside, "--which", "best"), "give the run instead")
+
+
+def test_checkpoints_table_matches_the_files_and_prune_keeps_what_resumes(world, tmp_path):
+    listed = json.loads(tla(world, "checkpoints", "--run", "ema", "--verify", "--json", check=True).stdout)
+    run = world["runs"] / "ema"
+    on_disk = sorted(p.name for p in run.glob("*.pth"))
+    rows = {Path(r["path"]).name: r for r in listed["checkpoints"]}
+    assert sorted(rows) == on_disk and {"checkpoint_last.pth", "checkpoint_best.pth"} <= set(rows)
+    for name, r in rows.items():
+        assert r["bytes"] == (run / name).stat().st_size and r["sha256"] == read_sidecar(run / name)
+        assert r["verified"] is True and r["ema"] is True
+    assert rows["checkpoint_epoch1.pth"]["epoch"] == 1 and rows["checkpoint_epoch1.pth"]["acc1"] is not None
+    assert listed["total"]["bytes"] == sum(r["bytes"] for r in rows.values()) == listed["runs"]["ema"]["bytes"]
+    text = tla(world, "checkpoints", "--run", "ema", check=True).stdout
+    assert "epoch 1" in text and "total:" in text and "not checked" in text
+    assert_clean_error(tla(world, "checkpoints", "--sweep", "nope"), "no runs of a sweep named")
+
+    copy = runs_env(tmp_path / "runs")  # pruning works on a copy: the other tests read the run's files
+    shutil.copytree(run, copy["runs"] / "ema")
+    periodic = sorted(p.name for p in (copy["runs"] / "ema").glob("checkpoint_epoch*.pth"))
+    assert len(periodic) >= 2, periodic
+    before = sorted(p.name for p in (copy["runs"] / "ema").iterdir())
+    dry = json.loads(tla(copy, "checkpoints", "prune", "ema", "--keep-last", "1", "--dry-run", "--json",
+                         check=True).stdout)
+    assert sorted(p.name for p in (copy["runs"] / "ema").iterdir()) == before
+    assert [Path(r["path"]).name for r in dry["removed"]] == periodic[:-1]
+    done = json.loads(tla(copy, "checkpoints", "prune", "ema", "--keep-last", "1", "--json", check=True).stdout)
+    left = sorted(p.name for p in (copy["runs"] / "ema").glob("*.pth"))
+    assert [Path(r["path"]).name for r in done["removed"]] == periodic[:-1]
+    assert {"checkpoint_last.pth", "checkpoint_best.pth", periodic[-1]} <= set(left)
+    assert not any((copy["runs"] / "ema" / (n + ".sha256")).exists() for n in periodic[:-1])

@@ -5,7 +5,7 @@ Only the stdlib, typer, rich and pydantic are imported at module level, so `tla 
 """
 
 # They register their commands; the order here is the order of `tla --help`.
-from tla_jobs.cli import image, submit, evals, export, control, cluster, status, logs, report, train  # noqa: F401, I001
+from tla_jobs.cli import image, submit, evals, export, checkpoints, control, cluster, status, logs, report, train  # noqa: F401, I001
 from tla_jobs.cli.app import app, main
 
 __all__ = ["app", "main"]

@@ -114,6 +114,14 @@ def resolve(name_or_path: str) -> Path:
     raise TlaError(f"run {name_or_path} does not exist in {path.parent}")
 
 
+def sweep_runs(name: str, paths: list[Path] | None = None) -> list[Path]:
+    """The runs of the sweep ``name`` (run.json's "sweep"), among ``paths`` or every run."""
+    out = [p for p in (all_runs() if paths is None else paths) if (damage.record(p)[0] or {}).get("sweep") == name]
+    if not out:
+        raise TlaError(f"no runs of a sweep named {name!r}")
+    return out
+
+
 def all_runs(root: Path | None = None) -> list[Path]:
     """Every run under ``root``, or under every runs root (roots())."""
     out: list[Path] = []
