@@ -30,7 +30,8 @@ def _run(root, name, model, arm, seed, sweep, acc):
               "submissions": [{"job_id": "4999999", "executor": "local", "submitted": time.time()}],
               "evals": []}
     (d / "run.json").write_text(json.dumps(record))
-    rows = [{"epoch": e, "acc1": acc - 2 + e, "acc5": 95.0 + e, "epoch_s": 10.0} for e in range(3)]
+    rows = [{"epoch": e, "acc1": acc - 2 + e, "acc5": 95.0 + e, "val_loss": 2.0 - e / 2, "epoch_s": 10.0}
+            for e in range(3)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "heartbeat.json").write_text(json.dumps({"phase": "finished", "epoch": 3, "epochs": 3, "time": time.time(),
                                                   "progress": metrics_summary(rows)}))
@@ -118,3 +119,26 @@ def test_json_and_csv_give_numbers_the_run_s_recipe_and_the_checkpoint_evaluated
     csv = dict(zip(lines[0].split(","), lines[1].split(",")))
     assert csv["epochs"] == "3" and csv["epochs_done"] == "3" and csv["global_batch"] == "256"
     assert csv["eval_which"] == "epoch:2 ema" and csv["seed"] == "1"
+
+
+def test_plot_has_two_panels_integer_epochs_a_labelled_band_and_says_where_its_axis_starts(runs, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from tla_jobs.jobs import records
+    from tla_jobs.jobs.report import figure
+    from tla_jobs.jobs.state import collect
+
+    monkeypatch.setenv("TLA_RUNS", runs["TLA_RUNS"])
+    statuses = [st for st in collect(records.all_runs()) if st.record.get("sweep") == "abl"]
+    fig = figure(statuses, by_arm=True)
+    top1, loss = fig.axes
+    assert top1.get_ylabel().startswith("val top-1 (%)") and loss.get_ylabel().startswith("val loss")
+    for ax in (top1, loss):
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    # top-1 runs from about 68 to 77: the axis cannot start at 0 without flattening it, and says so
+    assert top1.get_ylim()[0] > 0 and "not 0" in top1.get_ylabel()
+    labels = [t.get_text() for t in top1.get_legend().get_texts()]
+    assert "deit_tiny_patch16_224 tl-align: mean of 3" in labels
+    assert "deit_tiny_patch16_224 tl-align: ± 1 std" in labels
+    plt.close(fig)

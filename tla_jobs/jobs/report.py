@@ -175,44 +175,60 @@ def as_json(table: list[dict]) -> str:
     return json.dumps(table, indent=2)
 
 
-def plot(statuses: list[RunStatus], out: Path, by_arm: bool = False) -> Path:
-    """Val top-1 per epoch: one line per run, or with `by_arm` the mean over each (model, mixing)
-    group's runs with a band of ± one std."""
-    import matplotlib
+PANELS = (("acc1", "val top-1 (%)"), ("val_loss", "val loss"))
 
-    matplotlib.use("Agg")
+
+def plot(statuses: list[RunStatus], out: Path, by_arm: bool = False) -> Path:
+    """Draw :func:`figure` into ``out`` (the format from its suffix)."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    if by_arm:
-        groups: dict[str, list[list[float]]] = {}
-        for st in statuses:
-            if st.metrics:
-                key = f"{st.spec.get('model', '')} {_mixing(st)}"
-                groups.setdefault(key, []).append([m["acc1"] for m in st.metrics])
-        for key, curves in sorted(groups.items()):
-            n = min(len(c) for c in curves)
-            stats = [_mean_std([c[e] for c in curves]) for e in range(n)]
-            xs = list(range(1, n + 1))
-            mean = [m for m, _ in stats]
-            line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{key} (n={len(curves)})")
-            ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], color=line.get_color(),
-                            alpha=0.15)
-    else:
-        for st in statuses:
-            if st.metrics:
-                ax.plot([m["epoch"] + 1 for m in st.metrics], [m["acc1"] for m in st.metrics], marker="o", ms=3,
-                        label=f"{st.name} ({_mixing(st)})")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("val top-1 (%)")
-    ax.set_title("Validation top-1 per epoch")
-    ax.grid(alpha=0.3)
-    if any(st.progress["epochs_done"] for st in statuses):
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig = figure(statuses, by_arm)
     buf = io.BytesIO()
     fig.savefig(buf, format=out.suffix.lstrip(".").lower() or "png")
     plt.close(fig)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, buf.getvalue())  # a full disk leaves the previous plot, not half a new one
     return out
+
+
+def figure(statuses: list[RunStatus], by_arm: bool = False):
+    """Two panels, val top-1 and val loss per epoch: one line per run, or with `by_arm` the mean over
+    each (model, mixing) group's runs with a labelled band of ± one sample std. Epoch ticks are
+    integers; an axis that does not start at 0 says so, so that noise does not read as a cliff."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    for ax, (key, label) in zip(axes, PANELS):
+        if by_arm:
+            groups: dict[str, list[list[float]]] = {}
+            for st in statuses:
+                if st.metrics and all(m.get(key) is not None for m in st.metrics):
+                    groups.setdefault(f"{st.spec.get('model', '')} {_mixing(st)}", []).append(
+                        [m[key] for m in st.metrics])
+            for name, curves in sorted(groups.items()):
+                n = min(len(c) for c in curves)
+                stats = [_mean_std([c[e] for c in curves]) for e in range(n)]
+                xs, mean = list(range(1, n + 1)), [m for m, _ in stats]
+                line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{name}: mean of {len(curves)}")
+                ax.fill_between(xs, [m - sd for m, sd in stats], [m + sd for m, sd in stats], color=line.get_color(),
+                                alpha=0.15, label=f"{name}: ± 1 std" if len(curves) > 1 else None)
+        else:
+            for st in statuses:
+                rows = [m for m in st.metrics if m.get(key) is not None]
+                if rows:
+                    ax.plot([m["epoch"] + 1 for m in rows], [m[key] for m in rows], marker="o", ms=3,
+                            label=f"{st.name} ({_mixing(st)})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        bottom = ax.get_ylim()[0]
+        ax.set_ylabel(label if bottom <= 0 else f"{label} (axis from {bottom:.3g}, not 0)")
+        ax.set_title(f"{label.split(' (')[0]} per epoch")
+        ax.grid(alpha=0.3)
+    if any(st.progress["epochs_done"] for st in statuses):
+        axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
