@@ -137,7 +137,11 @@ def test_preemption_requeues_resumes_and_completes(env, digits, user_signal):
                 assert reason == "signal:SIGUSR2", (name, reason)
             else:
                 assert reason in ("signal:SIGTERM", "signal:SIGUSR2"), (name, reason)
-            assert second["start"]["resumed_from"]["step"] == first["end"]["global_step"] > 0
+            # the next attempt starts exactly where the signalled one checkpointed (in epoch 0 or 1: the
+            # two runs start seconds apart and an epoch takes about 7 s)
+            assert second["start"]["global_step"] == first["end"]["global_step"] > 0
+            resumed = second["start"]["resumed_from"]
+            assert (resumed["epoch"], resumed["step"]) == (first["end"]["epoch"], first["end"]["step"])
             assert second["start"]["restart_count"] >= 1 and second["start"]["job_id"] == jobs[name]
             assert metrics_epochs(env, name) == [0, 1]
             assert not any("killed" in str(a["outcome"]) for a in st["attempts"]), st["attempts"]
@@ -166,7 +170,9 @@ def test_requeue_and_usr2_checkpoint_and_resume(env, digits, how):
     assert st["state"] == "COMPLETED", st
     first = st["attempts"][0]["end"]
     assert first["reason"] == reason and first["global_step"] >= 5
-    assert st["attempts"][1]["start"]["resumed_from"]["step"] == first["global_step"]
+    resumed = st["attempts"][1]["start"]
+    assert resumed["global_step"] == first["global_step"]
+    assert (resumed["resumed_from"]["epoch"], resumed["resumed_from"]["step"]) == (first["epoch"], first["step"])
     assert st["attempts"][1]["start"]["restart_count"] >= 1
     assert metrics_epochs(env, name) == [0, 1]
 
