@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import FAST, assert_clean_error, runs_env, status, tla, wait_for
 
-from tla_jobs.jobs.checkpoints import read_sidecar
+from tla_jobs.checkpoint_files import read_sidecar
 from tla_jobs.train.export import read_metadata
 
 pytestmark = pytest.mark.slow

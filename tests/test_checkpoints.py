@@ -1,4 +1,4 @@
-"""A run's checkpoints (tla_jobs/jobs/checkpoints.py and the trainer's side of it): the log line of
+"""A run's checkpoints (tla_jobs/checkpoint_files.py and the trainer's side of it): the log line of
 every checkpoint written, the torch-free listing against the files on disk, --keep-last/--keep-best in
 the trainer, and pruning an existing run, which never removes what a new attempt would resume from."""
 
@@ -14,9 +14,9 @@ import pytest
 from conftest import run_tla
 from helpers_runs import EPOCHS, RECIPE, trained_run
 
+from tla_jobs import checkpoint_files as checkpoints
 from tla_jobs import rundir
 from tla_jobs.errors import TlaError
-from tla_jobs.jobs import checkpoints
 from tla_jobs.train import checkpoint as ckpt
 
 
@@ -91,7 +91,7 @@ def test_listing_says_what_is_damaged_or_unknown(copy):
 
 
 def test_listing_and_pruning_do_not_import_torch(run):
-    code = ("import sys; from tla_jobs.jobs import checkpoints as c; "
+    code = ("import sys; from tla_jobs import checkpoint_files as c; "
             f"c.list_checkpoints({str(run)!r}, verify=True); c.prune({str(run)!r}, 1, dry_run=True); "
             "print([m for m in ('torch', 'timm') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -1,4 +1,4 @@
-"""`tla checkpoints`: every run's checkpoints in one table, and pruning them (tla_jobs/jobs/checkpoints.py)."""
+"""`tla checkpoints`: every run's checkpoints in one table, and pruning them (tla_jobs/checkpoint_files.py)."""
 
 from __future__ import annotations
 
@@ -63,8 +63,8 @@ def checkpoints(
 
 @guard
 def _list(runs, sweep, verify, as_json) -> None:
+    from tla_jobs.checkpoint_files import list_checkpoints, totals
     from tla_jobs.jobs import records
-    from tla_jobs.jobs.checkpoints import list_checkpoints, totals
 
     paths = run_paths(runs)
     if sweep is not None:
@@ -93,8 +93,8 @@ def prune(
 ) -> None:
     """Remove periodic checkpoints beyond a keep-last / keep-best policy (never the last, previous or
     best checkpoint, nor the one a new attempt would resume from)."""
+    from tla_jobs.checkpoint_files import prune as do_prune
     from tla_jobs.jobs import records
-    from tla_jobs.jobs.checkpoints import prune as do_prune
 
     out = do_prune(records.resolve(run), keep_last, keep_best, dry_run=dry_run)
     if as_json:

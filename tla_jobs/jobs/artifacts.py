@@ -2,7 +2,7 @@
 best|last|ema|epoch:N), a checkpoint file, or (eval) an export; this turns that into one file, the
 weights inside it to use (the model's or its EMA's) and the sha256 that identifies it.
 
-Torch-free: a checkpoint's digest comes from its sidecar (tla_jobs/jobs/checkpoints.py), a
+Torch-free: a checkpoint's digest comes from its sidecar (tla_jobs/checkpoint_files.py), a
 safetensors export's metadata from its JSON header; only a .pth export needs torch to be read.
 """
 
@@ -13,9 +13,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from tla_jobs import checkpoint_files as checkpoints
 from tla_jobs import rundir
 from tla_jobs.errors import TlaError
-from tla_jobs.jobs import checkpoints, records
+from tla_jobs.jobs import records
 
 EXPORT_FORMAT = "tla-export/1"  # tla_jobs.train.export.FORMAT, without importing torch
 

@@ -15,7 +15,6 @@ refuses to start past the profile's ``max_requeue_preempt`` (an "end" record wit
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 
@@ -51,10 +50,11 @@ def refuse_past_requeue_limit(run_dir: Path, max_requeue_preempt: int | None, ti
         return
     msg = (f"requeued after {done} preemptions or requeues, more than the profile's max_requeue_preempt "
            f"({max_requeue_preempt}); not continuing (`tla resume` starts a new job)")
-    attempt = uuid.uuid4().hex
-    for event in ({"event": "start", "attempt_id": attempt, **ident},
-                  {"event": "end", "attempt_id": attempt, "reason": "requeue limit", "error": msg, **ident}):
-        rundir.append_event(run_dir / rundir.ATTEMPTS, event)
+    from tla_jobs.train.runlog import RunLog  # torch-free: the trainer's one way to record an attempt
+
+    log = RunLog(run_dir, is_main=True, world_size=1, epochs=0)
+    log.record_attempt("start")
+    log.record_attempt("end", reason="requeue limit", error=msg)
     raise TlaError(msg)
 
 

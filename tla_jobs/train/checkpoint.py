@@ -5,7 +5,7 @@ and are renamed into place; ``checkpoint_last.pth`` keeps its predecessor as ``c
 so a damaged last one still leaves a good one to resume from. Loading checks the hash and uses
 ``torch.load(weights_only=True)``: a checkpoint is data, never code. Every file written gets a line
 in checkpoints.jsonl (its sha256, where training stood, the top-1/top-5 of those weights); the
-listing, the hashing and the retention policy are torch-free, in tla_jobs/jobs/checkpoints.py.
+listing, the hashing and the retention policy are torch-free, in tla_jobs/checkpoint_files.py.
 
 The trainer's side is at the end: :func:`save` (every rank's RNG, rank 0 writes) and
 :func:`resume` / :func:`find` (the checkpoint to continue from or evaluate, checked to be this model).
@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from tla_jobs import __version__, rundir
+from tla_jobs import checkpoint_files as listing
+from tla_jobs.checkpoint_files import candidates, file_sha256  # noqa: F401 (torch-free; used from here too)
 from tla_jobs.errors import CheckpointError
 from tla_jobs.fsutil import _fsync_dir, write_temp
-from tla_jobs.jobs import checkpoints as listing
-from tla_jobs.jobs.checkpoints import candidates, file_sha256  # noqa: F401 (torch-free; used from here too)
 from tla_jobs.train import distributed as tdist
 from tla_jobs.train import rng
 from tla_jobs.train.progress import Progress
