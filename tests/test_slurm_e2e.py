@@ -120,8 +120,9 @@ def test_preemption_requeues_resumes_and_completes(env, digits, user_signal):
     its checkpoint and complete, with its epochs in order."""
     tag = "us" if user_signal else "site"
     runs = {f"pre-{tag}-grace": "low", f"pre-{tag}-nograce": "lownograce"}
-    jobs = {name: submit(env, name, "--partition", part, "--step-delay", "0.15", "--checkpoint-every-min", "0",
-                         digits=digits, epochs=2) for name, part in runs.items()}
+    # long enough (3 epochs of 0.25 s steps) that the first run cannot finish while the second one starts
+    jobs = {name: submit(env, name, "--partition", part, "--step-delay", "0.25", "--checkpoint-every-min", "0",
+                         digits=digits, epochs=3) for name, part in runs.items()}
     for name in runs:
         wait_step(env, name, 5)
     hi = sh("sbatch", "--parsable", "-p", "high", "-N1", "-w", "n1", "-c", "4", "--wrap", "sleep 3").stdout.strip()
@@ -143,7 +144,7 @@ def test_preemption_requeues_resumes_and_completes(env, digits, user_signal):
             resumed = second["start"]["resumed_from"]
             assert (resumed["epoch"], resumed["step"]) == (first["end"]["epoch"], first["end"]["step"])
             assert second["start"]["restart_count"] >= 1 and second["start"]["job_id"] == jobs[name]
-            assert metrics_epochs(env, name) == [0, 1]
+            assert metrics_epochs(env, name) == [0, 1, 2]
             assert not any("killed" in str(a["outcome"]) for a in st["attempts"]), st["attempts"]
             deadline = time.time() + 60  # the trainer's record settles it first; sacct follows
             while time.time() < deadline and _sacct_states(jobs[name])[-1:] != ["COMPLETED"]:

@@ -138,7 +138,10 @@ class _Shard(Sampler):
 
 
 def _folder(data: Path, split: str, transform) -> ImageFolder:
-    return ImageFolder(str(data / split), transform=transform, loader=_loader)
+    try:
+        return ImageFolder(str(data / split), transform=transform, loader=_loader)
+    except FileNotFoundError:  # checked at start, gone since (a shared filesystem, a cleaned scratch)
+        raise DataError(f"data folder {data / split} does not exist (any more)") from None
 
 
 def train_loader(cfg: TrainConfig, data: Path, img_size: int, rank: int, world_size: int):
