@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import CLUSTER, cluster_env
 
 pytestmark = pytest.mark.slurm
 
-CLUSTER_SH = Path(__file__).parent / "slurm_cluster" / "cluster.sh"
 GRACE_TIME_S = 20  # GraceTime of the `low` partition in cluster.sh
 
 
@@ -68,7 +68,7 @@ class Cluster:
         for args in (["squeue", "-a"], ["sinfo"], ["sacct", "-a", "-D", "-S", "now-10minutes"]):
             proc = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=30)
             parts.append(f"$ {' '.join(args)}\n{proc.stdout}{proc.stderr}")
-        proc = subprocess.run(["bash", str(CLUSTER_SH), "logs", "15"], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(["bash", str(CLUSTER), "logs", "15"], capture_output=True, text=True, timeout=30)
         parts.append(proc.stdout)
         return "\n".join(parts)
 
@@ -95,13 +95,11 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    proc = subprocess.run(["bash", str(CLUSTER_SH), "up"], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
-        logs = subprocess.run(["bash", str(CLUSTER_SH), "logs"], capture_output=True, text=True).stdout
+        logs = subprocess.run(["bash", str(CLUSTER), "logs"], capture_output=True, text=True).stdout
         pytest.fail(f"cluster.sh up failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}\n{logs}")
-    env_out = subprocess.run(["bash", str(CLUSTER_SH), "env"], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"SLURM_CONF=(\S+)", env_out)
-    c = Cluster(env=_clean_env(m.group(1) if m else None))
+    c = Cluster(env=_clean_env(cluster_env().get("SLURM_CONF")))
     yield c
     if c.jobs:
         subprocess.run(["scancel", *c.jobs], env=c.env, capture_output=True, timeout=30)
@@ -172,14 +170,14 @@ def user_signal(cluster: Cluster, request) -> Iterator[bool]:
     on = request.param
     if on:
         cluster.wait_for("no job left", lambda: not cluster.run("squeue", "-h", "-o", "%i").strip(), 90)
-        subprocess.run(["bash", str(CLUSTER_SH), "up", "--preempt-user-signal"], check=True, capture_output=True,
+        subprocess.run(["bash", str(CLUSTER), "up", "--preempt-user-signal"], check=True, capture_output=True,
                        timeout=300)
     try:
         yield on
     finally:
         if on:
             cluster.wait_for("no job left", lambda: not cluster.run("squeue", "-h", "-o", "%i").strip(), 90)
-            subprocess.run(["bash", str(CLUSTER_SH), "up"], check=True, capture_output=True, timeout=300)
+            subprocess.run(["bash", str(CLUSTER), "up"], check=True, capture_output=True, timeout=300)
 
 
 # preempt_send_user_signal (USR2 to the tasks at preemption) is covered with a real trainer by
@@ -251,7 +249,7 @@ def _resolves(host: str) -> bool:
 
 
 def test_down_puts_etc_hosts_and_etc_slurm_back_as_found(cluster: Cluster):
-    subprocess.run(["bash", str(CLUSTER_SH), "down"], check=True, capture_output=True, timeout=300)
+    subprocess.run(["bash", str(CLUSTER), "down"], check=True, capture_output=True, timeout=300)
     original_hosts = Path("/etc/hosts").read_bytes()
     had_slurm = Path("/etc/slurm").is_dir()
     sentinel = Path("/etc/slurm/tla-test-site.conf")
@@ -263,10 +261,10 @@ def test_down_puts_etc_hosts_and_etc_slurm_back_as_found(cluster: Cluster):
         sentinel.chmod(0o640)
         found = _snapshot()
         assert not _resolves("n1")
-        subprocess.run(["bash", str(CLUSTER_SH), "up"], check=True, capture_output=True, timeout=300)
+        subprocess.run(["bash", str(CLUSTER), "up"], check=True, capture_output=True, timeout=300)
         assert _resolves("n1") and _resolves("tla-sentinel-host")
         assert "cluster.sh" in Path("/etc/slurm/slurm.conf").read_text()
-        subprocess.run(["bash", str(CLUSTER_SH), "down"], check=True, capture_output=True, timeout=300)
+        subprocess.run(["bash", str(CLUSTER), "down"], check=True, capture_output=True, timeout=300)
         assert _snapshot() == found
         assert not _resolves("n1")
     finally:
@@ -274,7 +272,7 @@ def test_down_puts_etc_hosts_and_etc_slurm_back_as_found(cluster: Cluster):
         sentinel.unlink(missing_ok=True)
         if not had_slurm:
             shutil.rmtree("/etc/slurm", ignore_errors=True)
-        subprocess.run(["bash", str(CLUSTER_SH), "up"], check=True, capture_output=True, timeout=300)
+        subprocess.run(["bash", str(CLUSTER), "up"], check=True, capture_output=True, timeout=300)
 
 
 def test_host_shell_requeue_stops_at_the_profile_limit(cluster: Cluster, tmp_path: Path):
