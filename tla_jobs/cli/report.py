@@ -26,6 +26,7 @@ def report(
                                 "runs (seeds); the plot shows each arm's mean curve."),
 ) -> None:
     """One row per run: model, mixing, epochs, best/last top-1/top-5, eval-job results, GPU-hours."""
+    from tla_jobs.jobs import records
     from tla_jobs.jobs import report as R
     from tla_jobs.jobs.state import collect
 
@@ -36,11 +37,10 @@ def report(
             raise TlaError(f"{flag} {path} is a directory: give a file name")
     if plot is not None and plot.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
         raise TlaError(f"--plot {plot}: the file name must end in .png, .pdf, .svg or .jpg")
-    statuses = collect(run_paths(runs))
+    paths = run_paths(runs)
     if sweep is not None:
-        statuses = [st for st in statuses if st.record.get("sweep") == sweep]
-        if not statuses:
-            raise TlaError(f"no runs of a sweep named {sweep!r}")
+        paths = records.sweep_runs(sweep, paths)
+    statuses = collect(paths)
     table = R.rows(statuses, paper=paper)
     if fmt in ("table", "md"):  # for people: the damaged runs marked (stderr says what is wrong)
         for row, st in zip(table, statuses):

@@ -71,14 +71,6 @@ def safetensors_metadata(path: Path) -> dict:
     return meta
 
 
-def export_metadata(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        return safetensors_metadata(path)
-    from tla_jobs.train.export import read_metadata  # a .pth export is a torch file
-
-    return read_metadata(path)
-
-
 def _export(path: Path, in_run: bool) -> dict | None:
     """An export's metadata; None for a file to hand to the trainer as a checkpoint: a .pth inside a
     run (the trainer tells a sidecar-less export from a damaged checkpoint there)."""

@@ -14,15 +14,6 @@ from tla_jobs.jobs.scheduler import ACTIVE, SchedulerView
 SIGNALS = ("USR2", "TERM", "USR1", "INT")
 
 
-def sweep_runs(sweep: str) -> list[Path]:
-    """Every run of the sweep named ``sweep`` (`tla submit sweep --name`)."""
-    records.check_name(sweep)
-    paths = [p for p in records.all_runs() if (damage.record(p)[0] or {}).get("sweep") == sweep]
-    if not paths:
-        raise TlaError(f"no runs of a sweep named {sweep!r}")
-    return paths
-
-
 def _live(entry: dict, path: Path, view: SchedulerView) -> bool:
     if entry.get("executor") == "slurm":
         return view.latest(str(entry["job_id"])) in ACTIVE
@@ -51,7 +42,7 @@ def cancel(run: str | None = None, sweep: str | None = None, train_only: bool = 
     if train_only and eval_only:
         raise TlaError("--train and --eval together: leave both out to cancel every job of the run")
     if sweep:
-        paths = sweep_runs(sweep)
+        paths = records.sweep_runs(records.check_name(sweep))
     else:
         paths = [records.resolve(run)]
         records.load(paths[0])  # a damaged run says so
