@@ -27,7 +27,7 @@ import torch
 
 from tla_jobs import __version__, rundir
 from tla_jobs import checkpoint_files as listing
-from tla_jobs.checkpoint_files import candidates, file_sha256  # noqa: F401 (torch-free; used from here too)
+from tla_jobs.checkpoint_files import candidates, file_sha256
 from tla_jobs.errors import CheckpointError
 from tla_jobs.fsutil import _fsync_dir, write_temp
 from tla_jobs.train import distributed as tdist
@@ -41,9 +41,6 @@ log = logging.getLogger("tla.checkpoint")
 
 if TYPE_CHECKING:
     from tla_jobs.train.setup import Run
-
-
-_sidecar = listing.sidecar
 
 
 def serialize(payload: dict) -> tuple[bytes, str]:
@@ -64,10 +61,10 @@ def write(folder: Path, name: str, data: bytes, digest: str, keep_previous: bool
     tmp_hash = write_temp(folder, f"{digest}  {name}\n".encode(), f".{name}.sha256.")
     if keep_previous and path.exists():
         prev = folder / PREV
-        if _sidecar(path).exists():
-            os.replace(_sidecar(path), _sidecar(prev))
+        if listing.sidecar(path).exists():
+            os.replace(listing.sidecar(path), listing.sidecar(prev))
         os.replace(path, prev)
-    os.replace(tmp_hash, _sidecar(path))
+    os.replace(tmp_hash, listing.sidecar(path))
     os.replace(tmp_data, path)
     _fsync_dir(folder)
     return path
@@ -77,10 +74,10 @@ def verify(path: Path) -> str:
     """Return the file's sha256 if it matches its sidecar; raise CheckpointError otherwise."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    side = _sidecar(path)
+    side = listing.sidecar(path)
     if not side.is_file():
         raise CheckpointError(f"checkpoint {path} has no {side.name} (incomplete write?)")
-    expected = side.read_text().split()[0] if side.read_text().strip() else ""
+    expected = listing.read_sidecar(path) or ""  # an empty sidecar matches nothing: damaged
     actual = file_sha256(path)
     if actual != expected:
         raise CheckpointError(f"checkpoint {path} is damaged: sha256 {actual[:12]}… != recorded {expected[:12]}…")
@@ -210,12 +207,15 @@ def find(cfg, num_classes: int, out: Path | None) -> tuple[dict, str, Path] | No
         return None
     if found is not None:
         data, _, path = found
-        if data.get("model_name") != cfg.model or data.get("num_classes") != num_classes:
-            raise CheckpointError(
-                f"checkpoint {path} is a {data.get('model_name')} with {data.get('num_classes')} classes; "
-                f"this run is a {cfg.model} with {num_classes} classes"
-            )
+        check_fits(f"checkpoint {path}", data.get("model_name"), data.get("num_classes"), cfg, num_classes)
     return found
+
+
+def check_fits(what: str, model_name, classes, cfg, num_classes: int) -> None:
+    """A checkpoint (or export) of another model or class count is one clear error, not a shape error."""
+    if model_name != cfg.model or classes != num_classes:
+        raise CheckpointError(f"{what} is a {model_name} with {classes} classes; "
+                              f"this run is a {cfg.model} with {num_classes} classes")
 
 
 def resume(run: Run) -> tuple[Progress, dict | None]:

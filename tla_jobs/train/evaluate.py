@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from timm.utils import accuracy
 
-from tla_jobs import __version__, rundir
+from tla_jobs import __version__, checkpoint_files, rundir
 from tla_jobs.config import TrainConfig
 from tla_jobs.errors import CheckpointError
 from tla_jobs.fsutil import atomic_write_json
@@ -67,8 +67,11 @@ def load_weights(cfg: TrainConfig, num_classes: int) -> tuple[dict, dict]:
     epoch, weights). --resume is a training checkpoint (its model or, with --eval-weights ema, its
     EMA weights) or an export of `tla export` (its one set of weights; no sidecar, hashed here)."""
     path = Path(cfg.resume).expanduser()
-    if path.suffix == ".safetensors" or (path.is_file() and not ckpt._sidecar(path).exists() and _is_export(path)):
-        return _export_weights(cfg, num_classes, path)
+    meta = None  # a .pth without a sidecar may be an export; None: it is not (ckpt.find says what is wrong)
+    if path.suffix != ".safetensors" and path.is_file() and not checkpoint_files.sidecar(path).exists():
+        meta = _export_meta(path)
+    if path.suffix == ".safetensors" or meta is not None:
+        return _export_weights(cfg, num_classes, path, meta)
     payload, digest, path = ckpt.find(cfg, num_classes, None)
     state = payload.get(cfg.eval_weights)
     if not state:
@@ -78,25 +81,22 @@ def load_weights(cfg: TrainConfig, num_classes: int) -> tuple[dict, dict]:
                    "weights": cfg.eval_weights}
 
 
-def _is_export(path: Path) -> bool:
+def _export_meta(path: Path) -> dict | None:
     from tla_jobs.train.export import read_metadata
 
     try:
-        read_metadata(path)
+        return read_metadata(path)
     except CheckpointError:
-        return False  # then ckpt.find says what is wrong with it as a checkpoint
-    return True
+        return None
 
 
-def _export_weights(cfg: TrainConfig, num_classes: int, path: Path) -> tuple[dict, dict]:
+def _export_weights(cfg: TrainConfig, num_classes: int, path: Path, meta: dict | None) -> tuple[dict, dict]:
     from tla_jobs.train.export import read_metadata
 
     if not path.is_file():
         raise CheckpointError(f"export {path} does not exist")
-    meta = read_metadata(path)
-    if meta["model_name"] != cfg.model or int(meta["num_classes"]) != num_classes:
-        raise CheckpointError(f"export {path} is a {meta['model_name']} with {meta['num_classes']} classes; "
-                              f"this run is a {cfg.model} with {num_classes} classes")
+    meta = meta or read_metadata(path)  # a .safetensors name not read yet: its error is the one to show
+    ckpt.check_fits(f"export {path}", meta["model_name"], int(meta["num_classes"]), cfg, num_classes)
     if cfg.eval_weights == "ema" and meta["weights"] != "ema":
         raise CheckpointError(f"export {path} holds the model's weights, not the EMA's")
     if path.suffix == ".safetensors":

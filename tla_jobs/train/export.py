@@ -22,6 +22,7 @@ import torch
 from timm.data import resolve_model_data_config
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
+from torchvision.datasets.folder import find_classes
 
 from tla_jobs.errors import CheckpointError, TlaError
 from tla_jobs.fsutil import atomic_write_bytes
@@ -64,8 +65,11 @@ def load_line(meta: dict, path: str) -> str:
 
 
 def _class_names(config: dict, num_classes: int) -> list[str]:
-    train = Path(config.get("data_path") or "") / "train"
-    names = sorted(p.name for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
+    """The training split's class folders in the order torchvision's ImageFolder numbered them."""
+    try:
+        names = find_classes(str(Path(config.get("data_path") or "") / "train"))[0]
+    except (FileNotFoundError, NotADirectoryError):  # a synthetic run, or data moved since
+        names = []
     return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 
@@ -116,11 +120,7 @@ def export(checkpoint: str | Path, out: str | Path, weights: str = "model", fmt:
 
         data = save(state, metadata=meta)
     else:
-        import io
-
-        buf = io.BytesIO()
-        torch.save({"state_dict": state, "metadata": meta}, buf)
-        data = buf.getvalue()
+        data, _ = ckpt.serialize({"state_dict": state, "metadata": meta})
     atomic_write_bytes(out, data)  # an interrupted export leaves no half file under the name asked for
     return meta
 
