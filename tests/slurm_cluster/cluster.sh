@@ -74,7 +74,9 @@ pid_alive() {
     pid=$(tr -dc '0-9' <"$pidfile")
     [[ -n $pid ]] || return 1
     [[ -r /proc/$pid/comm ]] || return 1
-    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]]
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]] || return 1
+    # a killed daemon whose parent has not reaped it yet is a zombie: dead
+    [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]
 }
 
 # stop_pid NAME PIDFILE COMM [NAME PIDFILE COMM]... : SIGTERM to all of them at once, wait up to
@@ -462,11 +464,14 @@ ctld_ready() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
 
 CTLD_LOG_OFFSET=
 
+# $1 = clear: drop the jobs of the saved state (slurmctld -c).
 start_ctld() {
     ctld_alive && return 0
     CTLD_LOG_OFFSET=$(stat -c %s "$LOG/slurmctld.log" 2>/dev/null || echo 0)
-    say "starting slurmctld (127.0.0.1:$CTLD_PORT)"
-    slurmctld -f "$CONF" || die "slurmctld failed to start (see $LOG/slurmctld.log)"
+    local clear=()
+    [[ ${1:-} == clear ]] && clear=(-c)
+    say "starting slurmctld (127.0.0.1:$CTLD_PORT)${clear:+, without the jobs of an earlier life}"
+    slurmctld -f "$CONF" "${clear[@]}" || die "slurmctld failed to start (see $LOG/slurmctld.log)"
     wait_for 60 "slurmctld" ctld_ready || die "slurmctld not answering (see $LOG/slurmctld.log)"
 }
 
@@ -546,6 +551,12 @@ cmd_up() {
     ensure_packages
     ensure_hosts
 
+    # A cold start (no slurmctld running) begins with an empty queue: jobs saved by an earlier life
+    # that ended without `down` (a killed test session, a rebooted machine) would otherwise come back,
+    # requeued, and take the nodes the next session's tests need. A restart for a changed config
+    # (below) keeps its jobs.
+    local cold=
+    ctld_alive || cold=clear
     local conf_changed=0 dbd_changed=0
     write_slurm_conf "$mode" "$user_signal" && conf_changed=1
     install_system_conf
@@ -570,7 +581,7 @@ cmd_up() {
         stop_pid slurmctld "$(ctld_pidfile)" slurmctld \
             "slurmd n1" "$(slurmd_pidfile n1)" slurmd "slurmd n2" "$(slurmd_pidfile n2)" slurmd
     fi
-    start_ctld
+    start_ctld "$cold"
     local n
     for n in "${NODES[@]}"; do start_slurmd "$n"; done
     wait_nodes
