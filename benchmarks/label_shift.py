@@ -6,12 +6,13 @@ flips (w and λ on different sides of 1/2), and the correlation. If w ≈ λ, TL
 targets as plain grid CutMix and the two arms cannot differ; the larger the shift, the more the
 method changes. Run on the checkpoints of an ablation (benchmarks/ablation.py) and at initialisation.
 
-    python benchmarks/label_shift.py CKPT [CKPT ...] --data data/fmnist-500 [--batches 20]
+    python benchmarks/label_shift.py CKPT [CKPT ...] --data data/fmnist-500 [--batches 20] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -52,8 +53,10 @@ def main() -> None:
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--data", required=True)
     p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--json", action="store_true", help="One JSON object per checkpoint: init and trained figures.")
     args = p.parse_args()
     torch.set_num_threads(2)
+    out = []
     for path in args.checkpoints:
         payload, _ = ckpt.load(path)
         cfg = TrainConfig(**{**payload["config"], "batch_size": 64, "workers": 0})
@@ -62,10 +65,15 @@ def main() -> None:
         init = shift(model, loader, args.batches)
         model.load_state_dict(payload["model"])
         trained = shift(model, loader, args.batches)
+        out.append({"checkpoint": str(path), "epoch": payload["epoch"], "init": init, "trained": trained})
+        if args.json:
+            continue
         for name, r in (("at initialisation", init), (f"trained, epoch {payload['epoch']}", trained)):
             print(f"{path} {name}: {r['samples']} mixed samples, mean |w_cls - λ| {r['mean_abs_shift']:.3f} "
                   f"(max {r['max_abs_shift']:.3f}), majority label flipped {100 * r['majority_flips']:.1f}%, "
                   f"corr(w_cls, λ) {r['corr']:.3f}")
+    if args.json:
+        print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ def _run(root, name, model, arm, seed, sweep, acc):
               "submissions": [{"job_id": "4999999", "executor": "local", "submitted": time.time()}],
               "evals": []}
     (d / "run.json").write_text(json.dumps(record))
-    rows = [{"epoch": e, "acc1": acc - 2 + e, "acc5": 95.0 + e, "val_loss": 2.0 - e / 2, "epoch_s": 10.0}
-            for e in range(3)]
+    rows = [{"epoch": e, "acc1": acc - 2 + e, "acc5": 95.0 + e, "val_loss": 2.0 - e / 2, "epoch_s": 10.0,
+             # the trainer logs mean |w_cls - λ| for TL-Align runs only
+             **({"w_shift": 0.02 * (e + 1)} if arm == "tla" else {})} for e in range(3)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "heartbeat.json").write_text(json.dumps({"phase": "finished", "epoch": 3, "epochs": 3, "time": time.time(),
                                                   "progress": metrics_summary(rows)}))
@@ -72,6 +73,39 @@ def test_by_arm_markdown_and_plot(runs, tmp_path):
     assert "73.00 ± 2.00" in proc.stdout  # tla: 71, 73, 75
     assert "other" not in proc.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def test_by_arm_pairs_each_arm_with_the_control_seed_by_seed(runs, tmp_path):
+    from scipy import stats as S
+
+    diffs = [ACC[("tla", s)] - ACC[("grid", s)] for s in range(3)]  # +1.0, +2.5, +3.5
+    table = {r["mixing"]: r for r in json.loads(run_tla("report", "--sweep", "abl", "--by-arm", "--format", "json",
+                                                         env=runs, check=True).stdout)}
+    tla, grid = table["tl-align"], table["grid-cutmix"]
+    assert tla["against"] == "grid-cutmix" and tla["metric"] == "best_acc1" and tla["pairs"] == 3
+    assert tla["diffs"] == pytest.approx(diffs) and tla["diff_mean"] == pytest.approx(statistics.mean(diffs))
+    ref = S.ttest_rel([ACC[("tla", s)] for s in range(3)], [ACC[("grid", s)] for s in range(3)])
+    ci = ref.confidence_interval()
+    assert tla["p_t"] == pytest.approx(ref.pvalue)
+    assert (tla["diff_ci95_low"], tla["diff_ci95_high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert tla["p_sign_flip"] == pytest.approx(2 / 8)  # all three positive: 2 of the 8 sign patterns
+    assert grid["against"] is None and grid["pairs"] is None  # the control itself
+    # the same numbers for people, and in CSV
+    md = run_tla("report", "--sweep", "abl", "--by-arm", "--format", "md", env=runs, check=True).stdout
+    assert "| deit_tiny_patch16_224 | tl-align | grid-cutmix | best_acc1 | 0 1 2 | +1.00 +2.50 +3.50 |" in md
+    assert f"+2.33 [{ci.low:+.2f}, {ci.high:+.2f}]" in md and f"| {ref.pvalue:.3f} | 0.250 |" in md
+    csv = run_tla("report", "--sweep", "abl", "--by-arm", "--format", "csv", env=runs, check=True).stdout
+    assert "1.0 2.5 3.5" in csv
+    # against another arm, on another metric; a seed run twice in an arm is not a pair
+    _run(Path(runs["TLA_RUNS"]), "abl-tla-s2-again", "deit_tiny_patch16_224", "tla", 2, "abl", 60.0)
+    table = {r["mixing"]: r for r in json.loads(run_tla(
+        "report", "--sweep", "abl", "--by-arm", "--format", "json", "--against", "tl-align", "--metric", "last_acc1",
+        env=runs, check=True).stdout)}
+    grid = table["grid-cutmix"]
+    assert grid["against"] == "tl-align" and grid["metric"] == "last_acc1" and grid["pairs"] == 2
+    assert grid["diffs"] == pytest.approx([-1.0, -2.5])
+    bad = run_tla("report", "--by-arm", "--metric", "acc", env=runs)
+    assert bad.returncode == 2 and "--metric must be" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_unknown_sweep_is_one_line(runs):
@@ -121,7 +155,7 @@ def test_json_and_csv_give_numbers_the_run_s_recipe_and_the_checkpoint_evaluated
     assert csv["eval_which"] == "epoch:2 ema" and csv["seed"] == "1"
 
 
-def test_plot_has_two_panels_integer_epochs_a_labelled_band_and_says_where_its_axis_starts(runs, monkeypatch):
+def test_plot_has_two_or_three_panels_integer_epochs_a_labelled_band_and_says_where_its_axis_starts(runs, monkeypatch):
     import matplotlib.pyplot as plt
 
     from tla_jobs.jobs import records
@@ -131,9 +165,12 @@ def test_plot_has_two_panels_integer_epochs_a_labelled_band_and_says_where_its_a
     monkeypatch.setenv("TLA_RUNS", runs["TLA_RUNS"])
     statuses = [st for st in collect(records.all_runs()) if st.record.get("sweep") == "abl"]
     fig = figure(statuses, by_arm=True)
-    top1, loss = fig.axes
+    top1, loss, shift = fig.axes  # the third: TL-Align's label shift, which its runs logged
     assert top1.get_ylabel().startswith("val top-1 (%)") and loss.get_ylabel().startswith("val loss")
-    for ax in (top1, loss):
+    assert shift.get_ylabel().startswith("mean |w_cls − λ|")
+    assert [line.get_label() for line in shift.get_lines()] == ["deit_tiny_patch16_224 tl-align: mean of 3"]
+    assert list(shift.get_lines()[0].get_ydata()) == pytest.approx([0.02, 0.04, 0.06])
+    for ax in (top1, loss, shift):
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
     # top-1 runs from about 68 to 77: the axis cannot start at 0 without flattening it, and says so

@@ -8,6 +8,7 @@ import json
 import statistics
 from pathlib import Path
 
+from tla_jobs.config import CONTROL_MIXING
 from tla_jobs.fsutil import atomic_write_bytes
 from tla_jobs.jobs import damage
 from tla_jobs.jobs.state import RunStatus
@@ -119,6 +120,63 @@ def grouped(table: list[dict]) -> list[dict]:
     return out
 
 
+PAIRED = ("against", "metric", "pairs", "diff_mean", "diff_ci95_low", "diff_ci95_high", "p_t", "p_sign_flip", "diffs")
+
+
+def paired(table: list[dict], metric: str = "best_acc1", against: str = CONTROL_MIXING) -> list[dict]:
+    """Every other arm of a model against its ``against`` arm, run by run on the seeds both have
+    (one run per seed and arm; a seed run twice in an arm is left out of the pairs): the per-seed
+    differences of ``metric`` (arm − control), their mean with a 95% confidence interval, the paired
+    t-test and the exact sign-flip test (jobs/stats.py)."""
+    from tla_jobs.jobs import stats
+
+    by: dict[tuple[str, str], dict] = {}
+    for r in table:
+        if r.get(metric) is not None and r.get("seed") is not None:
+            seeds = by.setdefault((r["model"], r["mixing"]), {})
+            seeds[r["seed"]] = None if r["seed"] in seeds else r[metric]
+    out = []
+    for (model, mixing), seeds in by.items():
+        control = by.get((model, against))
+        if mixing == against or control is None:
+            continue
+        common = sorted(s for s in seeds if seeds[s] is not None and control.get(s) is not None)
+        if not common:
+            continue
+        res = stats.paired([seeds[s] - control[s] for s in common])
+        out.append({"model": model, "mixing": mixing, "against": against, "metric": metric, "pairs": res["n"],
+                    "seeds": common, "diff_mean": res["mean"], "diff_ci95_low": res["ci95_low"],
+                    "diff_ci95_high": res["ci95_high"], "p_t": res["p_t"], "p_sign_flip": res["p_sign_flip"],
+                    "diffs": res["diffs"]})
+    return out
+
+
+def with_paired(arms: list[dict], pairs: list[dict]) -> list[dict]:
+    """The arm rows with their paired comparison (empty for the control and unpaired arms), for
+    CSV and JSON: one flat row per arm."""
+    found = {(p["model"], p["mixing"]): p for p in pairs}
+    return [{**r, **{k: found.get((r["model"], r["mixing"]), {}).get(k) for k in PAIRED}} for r in arms]
+
+
+def paired_for_people(pairs: list[dict]) -> list[dict]:
+    """Paired rows as a table shows them: signed per-seed differences, 'mean [low, high]'."""
+    def signed(v: float) -> str:
+        return f"{v:+.2f}"
+
+    def interval(p: dict) -> str:
+        low, high = p["diff_ci95_low"], p["diff_ci95_high"]
+        return signed(p["diff_mean"]) + ("" if low is None else f" [{signed(low)}, {signed(high)}]")
+
+    return [{"model": p["model"], "arm": p["mixing"], "against": p["against"], "metric": p["metric"],
+             "seeds": " ".join(str(s) for s in p["seeds"]),
+             "per-seed difference": " ".join(signed(d) for d in p["diffs"]), "mean [95% CI]": interval(p),
+             "paired t p": _p(p["p_t"]), "sign-flip p": _p(p["p_sign_flip"])} for p in pairs]
+
+
+def _p(v: float | None) -> str | None:
+    return None if v is None else f"{v:.3f}"
+
+
 def with_std(table: list[dict]) -> list[dict]:
     """Grouped rows for people: 'mean ± std' strings instead of separate columns."""
     out = []
@@ -149,6 +207,8 @@ def _mixing(st: RunStatus) -> str:
 def fmt(v) -> str:
     if v is None:
         return "-"
+    if isinstance(v, list):
+        return " ".join(fmt(x) for x in v)
     if isinstance(v, float):
         return f"{v:.2g}" if 0 < abs(v) < 0.01 else f"{v:.2f}"  # a learning rate, not 0.00
     return str(v)
@@ -167,7 +227,7 @@ def as_csv(table: list[dict]) -> str:
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
     for r in table:
-        w.writerow(r)
+        w.writerow({k: " ".join(str(x) for x in v) if isinstance(v, list) else v for k, v in r.items()})
     return buf.getvalue()
 
 
@@ -176,6 +236,8 @@ def as_json(table: list[dict]) -> str:
 
 
 PANELS = (("acc1", "val top-1 (%)"), ("val_loss", "val loss"))
+# A third panel where a run aligned its labels: how far TL-Align's cls target moved from λ (train batches).
+SHIFT_PANEL = ("w_shift", "mean |w_cls − λ| (train)")
 
 
 def plot(statuses: list[RunStatus], out: Path, by_arm: bool = False) -> Path:
@@ -192,21 +254,24 @@ def plot(statuses: list[RunStatus], out: Path, by_arm: bool = False) -> Path:
 
 
 def figure(statuses: list[RunStatus], by_arm: bool = False):
-    """Two panels, val top-1 and val loss per epoch: one line per run, or with `by_arm` the mean over
-    each (model, mixing) group's runs with a labelled band of ± one sample std. Epoch ticks are
-    integers; an axis that does not start at 0 says so, so that noise does not read as a cliff."""
+    """Two panels, val top-1 and val loss per epoch (a third, mean |w_cls − λ|, when a run aligned
+    its labels): one line per run, or with `by_arm` the mean over each (model, mixing) group's runs
+    with a labelled band of ± one sample std. Epoch ticks are integers; an axis that does not start
+    at 0 says so, so that noise does not read as a cliff."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
-    for ax, (key, label) in zip(axes, PANELS):
+    panels = PANELS + ((SHIFT_PANEL,) if any(m.get("w_shift") is not None for st in statuses for m in st.metrics)
+                       else ())
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), dpi=120)
+    for ax, (key, label) in zip(axes, panels):
         if by_arm:
             groups: dict[str, list[list[float]]] = {}
             for st in statuses:
-                if st.metrics and all(m.get(key) is not None for m in st.metrics):
+                if st.metrics and all(m.get(key) is not None for m in st.metrics):  # (w_shift: TL-Align runs)
                     groups.setdefault(f"{st.spec.get('model', '')} {_mixing(st)}", []).append(
                         [m[key] for m in st.metrics])
             for name, curves in sorted(groups.items()):
