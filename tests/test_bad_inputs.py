@@ -387,7 +387,7 @@ ARGS = [
     ([*SWEEP, "--seeds", "0,0"], "--seeds gives 0 twice"),
     ([*SWEEP, "--seeds", "0,x"], "--seeds"),
     ([*SWEEP, "--seeds", ","], "--seeds is empty"),
-    ([*SWEEP, "--arms", "tla,tla"], "--arms gives tla twice"),
+    ([*SWEEP, "--arms", "tla,tl-align"], "--arms gives tl-align twice"),
     ([*SWEEP, "--arms", "mixmatch"], "unknown arm"),
     ([*SWEEP, "--models", "tla_vit_nano,tla_vit_nano"], "--models gives tla_vit_nano twice"),
     ([*SWEEP, "--models", "tla_vit_nano,resnet18", "--dry-run"], "preflight failed: model: --model resnet18"),

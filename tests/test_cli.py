@@ -117,7 +117,7 @@ def test_sweep_is_one_array_and_every_element_is_its_own_run(env, digits):
     for s in subs:
         wait_for(lambda s=s: status_json(env, s["run"])["state"] == "COMPLETED", timeout=300)
         spec = json.loads((env["runs"] / s["run"] / "run.json").read_text())["spec"]
-        assert spec["tl_align"] == s["run"].split("-")[-2].startswith("tla")
+        assert spec["tl_align"] == ("-tl-align-" in s["run"])  # NAME-MODEL-ARM-sSEED
         assert (env["runs"] / s["run"] / "checkpoint_last.pth").exists()
 
 
@@ -171,7 +171,7 @@ def test_local_dry_run_writes_nothing_and_the_real_submission_still_works(env, d
     assert "submitit.local._local" in proc.stdout and "ok  model: tla_vit_nano" in proc.stdout
     proc = tla(env, "submit", "sweep", "--name", "sw", "--arms", "tla", "--seeds", "0,1", *train, "--dry-run",
                check=True)
-    assert "sw-tla_vit_nano-tla-s1" in proc.stdout
+    assert "sw-tla_vit_nano-tl-align-s1" in proc.stdout
     assert not env["runs"].exists()
     assert "does not exist" in tla(env, "status", "d2").stderr
 

@@ -16,14 +16,31 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tla_jobs.errors import TlaError
 
-# The arms of `tla submit sweep`: each sets the mixing fields so that TrainConfig.mixing() names it.
-# None leaves a field to the recipe's defaults (_recipe_defaults below).
+# The arms of `tla submit sweep`, by the names reports print (TrainConfig.mixing() gives them back):
+# each sets the mixing fields; None leaves a field to the recipe's defaults (_recipe_defaults below).
 ARMS: dict[str, dict] = {
-    "tla": dict(tl_align=True, mixup=None, cutmix_grid=None, model_ema=None),  # -> tl-align
-    "base": dict(tl_align=False, mixup=None, cutmix_grid=None, model_ema=None),  # -> mixup+cutmix (DeiT)
-    "grid": dict(tl_align=False, mixup=0.0, cutmix_grid=True, model_ema=False),  # -> grid-cutmix
-    "none": dict(tl_align=False, mixup=0.0, cutmix=0.0, cutmix_grid=False, model_ema=False),  # -> none
+    "tl-align": dict(tl_align=True, mixup=None, cutmix_grid=None, model_ema=None),
+    "mixup+cutmix": dict(tl_align=False, mixup=None, cutmix_grid=None, model_ema=None),  # DeiT's baseline
+    "grid-cutmix": dict(tl_align=False, mixup=0.0, cutmix_grid=True, model_ema=False),
+    "none": dict(tl_align=False, mixup=0.0, cutmix=0.0, cutmix_grid=False, model_ema=False),
 }
+# The short spellings `--arms` also takes (and took before the arms had the reports' names).
+ARM_ALIASES = {"tla": "tl-align", "base": "mixup+cutmix", "grid": "grid-cutmix"}
+
+
+def arm_name(arm: str) -> str:
+    """An arm's own name, from it or its short spelling; unknown names as they are."""
+    return ARM_ALIASES.get(arm, arm)
+
+
+def arm_slug(arm: str) -> str:
+    """The arm in a run's name (NAME-MODEL-SLUG-sSEED): run names have no '+'."""
+    return arm.replace("+", "-")
+
+
+# The control arm an ablation pairs the others with (`tla report --by-arm`): TL-Align's own boxes
+# with area labels, so that a difference is the labels' alone.
+CONTROL_MIXING = "grid-cutmix"
 
 RETIRED_KEYS = frozenset({"run_dir", "max_stalled_attempts"})
 DATASETS = ("imagefolder", "fashion-mnist", "digits", "synthetic")

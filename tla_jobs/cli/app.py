@@ -1,7 +1,8 @@
 """Root Typer application, and the error boundary every command runs inside.
 
 A user mistake (TlaError, or a config pydantic rejects) becomes one line on stderr and exit code
-2, with no traceback; anything else is a bug and keeps its traceback.
+2 (3 for a failed check, ChecksFailed), with no traceback; anything else is a bug and keeps its
+traceback. The exit codes are listed once, in tla_jobs/errors.py.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ from tla_jobs import __version__
 
 app = typer.Typer(
     name="tla",
-    help="Train DeiTs with Token-Label Alignment, on this machine or on SLURM.",
+    help="Train DeiTs with Token-Label Alignment, on this machine or on SLURM.\n\n"
+         "Runs live in a run directory (./runs/NAME, or $TLA_RUNS/NAME) that holds everything about them.\n\n"
+         "Exit codes: 0 done; 1 a followed run failed; 2 bad input; 3 a check found a problem (a damaged file, "
+         "a cluster that does not answer); 75 the trainer checkpointed on a signal (resume continues).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # tla_jobs.errors.EXIT_USAGE, without importing it before a command runs
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
@@ -103,7 +107,7 @@ def guard(fn):
         try:
             return fn(*args, **kwargs)
         except (TlaError, ValidationError) as exc:
-            raise fail(_one_line(exc)) from None
+            raise fail(_one_line(exc), getattr(exc, "exit_code", EXIT_USAGE)) from None
         except BrokenPipeError:  # `tla status | head`: the reader left; nothing to say
             with contextlib.suppress(OSError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -132,10 +136,7 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    """Train DeiTs with Token-Label Alignment (TL-Align), on this machine or on SLURM.
-
-    Runs live in a run directory (./runs/NAME, or $TLA_RUNS/NAME) that holds everything about them.
-    """
+    """`tla`'s own options (the app's help above is what `tla --help` shows)."""
 
 
 def main() -> None:

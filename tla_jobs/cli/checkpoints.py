@@ -10,7 +10,7 @@ from rich.table import Table
 
 from tla_jobs.cli.app import app, guard
 from tla_jobs.cli.show import console, fmt, run_paths
-from tla_jobs.errors import TlaError
+from tla_jobs.errors import ChecksFailed
 
 ckpt_app = typer.Typer(help="Every run's checkpoints in one table (or --run / --sweep), and pruning the periodic ones.",
                        no_args_is_help=False, invoke_without_command=True)
@@ -78,7 +78,7 @@ def _list(runs, sweep, verify, as_json) -> None:
     else:
         _show(rows, per_run, overall)
     if overall["damaged"]:
-        raise TlaError(f"{overall['damaged']} checkpoint(s) do not match their sha256 sidecar (marked DAMAGED)")
+        raise ChecksFailed(f"{overall['damaged']} checkpoint(s) do not match their sha256 sidecar (marked DAMAGED)")
 
 
 @ckpt_app.command("prune")

@@ -32,7 +32,9 @@ def cancel(
 @guard
 def send_signal(
     run: str = typer.Argument(..., help="Run name or directory."),
-    sig: str = typer.Option("USR2", "--signal", help="USR2 (preemption / time limit, requeues) or TERM."),
+    sig: str = typer.Option("USR2", "--signal", "-s", help="USR2 (what SLURM sends before the time limit or a "
+                            "preemption: checkpoint, stop, requeue), TERM (a site's preemption or scancel: "
+                            "checkpoint and stop). The trainer checkpoints on these two only."),
 ) -> None:
     """Send the preemption signal to a running run, to test its checkpoint-and-requeue path."""
     from tla_jobs.jobs import control

@@ -24,7 +24,7 @@ def eval_checkpoint(
                               "the last checkpoint) or epoch:N. Of a checkpoint file: ema for its EMA weights."),
     cluster: str = typer.Option(None, "--cluster", help=PROFILE_HELP + " Default: the run's own profile."),
     data_path: Path = typer.Option(None, "--data-path", help="Dataset root (default: the run's)."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print the eval job's submission as JSON."),
 ) -> None:
     """Evaluate a checkpoint as a job; top-1/top-5 land in the run it belongs to, with the checkpoint
     used (path, sha256, which): `tla status RUN` lists every eval.

@@ -18,6 +18,7 @@ import typer
 from tla_jobs.config import TrainConfig
 
 HIDDEN = {"step_delay"}
+# Help for the fields whose own description (config.py) is missing or too terse for --help.
 HELP = {
     "model": "timm model name (deit_tiny_patch16_224, deit_small_distilled_patch16_224, swin_tiny_patch4_window7_224, "
              "or the small tla_vit_nano / tla_vit_micro / tla_swin_micro).",
@@ -29,6 +30,42 @@ HELP = {
     "eval_only": "Evaluate --resume CKPT on the val split and write eval.json.",
     "output_dir": "Run directory: checkpoints, metrics.jsonl, heartbeat.json, logs.",
     "data_path": "Dataset root (holds train/ and val/).",
+    "cutmix": "CutMix alpha (0 = off).",
+    "mix_mode": "How mixing partners and λ are drawn: per batch or per sample (elem).",
+    "mixup_switch_prob": "Without TL-Align: the chance of mixup instead of CutMix for a batch.",
+    "smoothing": "Label smoothing, inside the (aligned) targets.",
+    "epochs": "Epochs to train.",
+    "min_lr": "The cosine schedule's final learning rate.",
+    "warmup_lr": "Learning rate at the start of the warm-up.",
+    "warmup_epochs": "Epochs of linear warm-up.",
+    "cooldown_epochs": "Epochs at --min-lr after the cosine decay.",
+    "weight_decay": "AdamW weight decay.",
+    "opt_eps": "AdamW epsilon.",
+    "drop_path": "Stochastic depth rate.",
+    "aa": "RandAugment policy (timm's syntax, e.g. rand-m9-mstd0.5-inc1), or none.",
+    "reprob": "Random erasing probability.",
+    "repeated_aug": "DeiT's repeated augmentation sampler (3 augmented copies of each image per epoch).",
+    "color_jitter": "Colour jitter strength.",
+    "interpolation": "Resize interpolation of the train transforms.",
+    "model_ema": "Keep an EMA of the weights and evaluate it each epoch (default: on without TL-Align).",
+    "model_ema_decay": "EMA decay per step.",
+    "seed": "Random seed (model init, data order, augmentations, mixing).",
+    "workers": "Data-loading worker processes per rank.",
+    "dist_eval": "Evaluate on every rank's share of the val set (else rank 0 evaluates all of it).",
+}
+# The spellings of timm's train.py and DeiT's main.py, accepted as well: a recipe copied from either
+# runs unchanged.
+ALIASES = {
+    "mix_mode": ["--mixup-mode"],
+    "img_size": ["--input-size"],
+    "dataset": ["--data-set"],
+    "data_path": ["--data_path"],
+    "output_dir": ["--output_dir", "--output"],
+    "workers": ["--num-workers", "--num_workers", "-j"],
+    "batch_size": ["-b"],
+    "interpolation": ["--train-interpolation"],
+    "eval_only": ["--eval"],
+    "keep_last": ["--checkpoint-hist"],
 }
 
 
@@ -51,6 +88,7 @@ def train_parameters() -> list[inspect.Parameter]:
         flag = "--" + name.replace("_", "-")
         base = typing.get_args(ann)[0] if typing.get_origin(ann) is typing.Union else ann
         decls = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag]
+        decls += ALIASES.get(name, [])
         help_text = HELP.get(name) or field.description or ""
         choices = typing.get_args(field.annotation)
         if typing.get_origin(field.annotation) is typing.Literal:

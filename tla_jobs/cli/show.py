@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tla_jobs.errors import TlaError
+from tla_jobs.errors import ChecksFailed, TlaError
 
 # Piped output (scripts, CI logs) gets a wide table instead of rich's 80-column default.
 console = Console(width=None if Console().is_terminal else 220)
@@ -71,6 +71,6 @@ def refuse_damage(statuses) -> None:
     line = _damage_line(statuses)
     if line:
         sys.stdout.flush()
-        raise TlaError(line)
+        raise ChecksFailed(line)
 
 

@@ -67,7 +67,8 @@ def submit_train(
     name: str = typer.Option(..., "--name", help="Run name (a safe file name); the run lives in RUNS/NAME."),
     cluster: str = typer.Option("local", "--cluster", help=PROFILE_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the sbatch script and preflight checks only."),
-    follow: bool = typer.Option(False, "--follow", help="Follow the run with a progress display until it ends."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Follow the run with a progress display until it ends "
+                                "(exit code 1 if it does not complete)."),
     as_json: bool = typer.Option(False, "--json", help="Print the submission as JSON."),
     overrides: dict = None,
     train_kwargs: dict = None,
@@ -97,15 +98,19 @@ def submit_train(
 @with_train_options(not_from_file=("output_dir",))
 @with_resource_options
 def submit_sweep(
-    name: str = typer.Option(..., "--name", help="Sweep name; each run is NAME-MODEL-{tla,base}-sSEED."),
+    name: str = typer.Option(..., "--name", help="Sweep name; each run is NAME-MODEL-ARM-sSEED (mixup+cutmix as "
+                             "mixup-cutmix); `tla status/logs/report/cancel` take the sweep's name."),
     models: str = typer.Option(None, "--models", help="Comma-separated models (default: --model)."),
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
-    arms: str = typer.Option("tla,base", "--arms",
-                             help="Comma-separated arms: tla (TL-Align), base (DeiT mixup+cutmix), grid (token-grid "
-                                  "CutMix, area labels), none (no mixing)."),
+    arms: str = typer.Option("tl-align,mixup+cutmix", "--arms",
+                             help="Comma-separated arms, named as reports name them: tl-align (TL-Align), "
+                                  "mixup+cutmix (DeiT's baseline), grid-cutmix (token-grid CutMix, area labels: "
+                                  "TL-Align's control), none (no mixing). tla, base and grid are short for the "
+                                  "first three."),
     cluster: str = typer.Option("local", "--cluster", help=PROFILE_HELP),
-    dry_run: bool = typer.Option(False, "--dry-run"),
-    as_json: bool = typer.Option(False, "--json"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the job array's batch "
+                                 "script; submit nothing, create no run."),
+    as_json: bool = typer.Option(False, "--json", help="Print the runs and their submission as JSON."),
     overrides: dict = None,
     train_kwargs: dict = None,
 ) -> None:
@@ -143,8 +148,9 @@ def submit_sweep(
 def resume(
     run: str = typer.Argument(..., help="Run name or directory."),
     cluster: str = typer.Option(None, "--cluster", help="Another profile (default: the run's)."),
-    follow: bool = typer.Option(False, "--follow"),
-    as_json: bool = typer.Option(False, "--json"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Follow the run with a progress display until it ends "
+                                "(exit code 1 if it does not complete)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the submission as JSON."),
     overrides: dict = None,
 ) -> None:
     """Resubmit a run from its stored spec; it continues from its newest good checkpoint."""

@@ -11,7 +11,7 @@ from tla_jobs.jobs import damage, local, profiles, records, slurm
 from tla_jobs.jobs.plan import Plan, apply_overrides
 from tla_jobs.jobs.scheduler import ACTIVE, SchedulerView
 
-SIGNALS = ("USR2", "TERM", "USR1", "INT")
+SIGNALS = ("USR2", "TERM")  # the two the trainer checkpoints on (train/signals.py); others would kill it
 
 
 def _live(entry: dict, path: Path, view: SchedulerView) -> bool:
@@ -105,7 +105,7 @@ def signal(run: str, sig: str) -> tuple[Path, str]:
     """Send SIG``sig`` to the run's newest job (SLURM: scancel --signal; local: the trainer named by
     its live heartbeat); (the run directory, the job id)."""
     if sig not in SIGNALS:
-        raise TlaError(f"--signal must be USR2, TERM, USR1 or INT, not {sig!r}")
+        raise TlaError(f"--signal must be USR2 or TERM (the signals the trainer checkpoints on), not {sig!r}")
     run_dir = records.resolve(run)
     record = records.load(run_dir)
     if not record.get("submissions"):

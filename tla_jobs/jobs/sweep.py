@@ -1,5 +1,6 @@
 """A sweep: models x arms x seeds, each its own run (NAME-MODEL-ARM-sSEED), submitted as ONE job
-array from the sweep's folder. The arms are tla_jobs.config.ARMS (next to TrainConfig.mixing())."""
+array from the sweep's folder. The arms are tla_jobs.config.ARMS (next to TrainConfig.mixing()), named
+as reports name the mixing (tl-align, grid-cutmix, mixup+cutmix, none; tla, grid and base also do)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import itertools
 import shutil
 
 from tla_jobs import rundir
-from tla_jobs.config import ARMS
+from tla_jobs.config import ARM_ALIASES, ARMS, arm_name, arm_slug
 from tla_jobs.errors import TlaError
 from tla_jobs.jobs import records
 from tla_jobs.jobs.plan import Plan, train_spec
@@ -20,10 +21,12 @@ def _items(text: str) -> list[str]:
 
 def grid(models: str, arms: str, seeds: str) -> list[tuple[str, str, int]]:
     """The (model, arm, seed) of every run, from the comma-separated lists of the command line."""
-    arm_list = _items(arms)
+    arm_list = [arm_name(a) for a in _items(arms)]
     unknown = [a for a in arm_list if a not in ARMS]
     if unknown or not arm_list:
-        raise TlaError(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+        aliases = ", ".join(f"{k} = {v}" for k, v in ARM_ALIASES.items())
+        raise TlaError(f"unknown arm(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ARMS)} "
+                       f"({aliases})")
     model_list = _items(models)
     try:
         seed_list = [int(s) for s in _items(seeds)]
@@ -41,7 +44,7 @@ def plans(name: str, runs: list[tuple[str, str, int]], train_kwargs: dict, profi
     root = records.runs_root(profile.runs_root)
     out = []
     for model, arm, seed in runs:
-        run_name = records.check_name(f"{name}-{model}-{arm}-s{seed}")
+        run_name = records.check_name(f"{name}-{model}-{arm_slug(arm)}-s{seed}")
         run_dir = records.run_dir(run_name, root)
         if run_dir.exists():
             raise TlaError(f"run {run_name} already exists in {run_dir.parent}")
