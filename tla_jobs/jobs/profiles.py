@@ -1,7 +1,11 @@
-"""Cluster profiles (cluster_configs/*.yaml), validated with pydantic: unknown keys are errors.
+"""Cluster profiles (YAML files), validated with pydantic: unknown keys are errors.
 
 A profile says where jobs run (submitit's local executor, or SLURM), with what resources, how they
 are requeued, and whether the training step runs in a container (Pyxis, Apptainer, podman).
+
+A name is looked up in $TLA_CLUSTER_CONFIGS (its entries, in order), then ./cluster_configs, then
+the user's profile directory (user_dir()), then the commented examples shipped in the package
+(tla_jobs/jobs/profiles/, which the checkout's top-level cluster_configs links to).
 """
 
 from __future__ import annotations
@@ -75,24 +79,98 @@ class Profile(_Strict):
     runs_root: str | None = Field(None, description="default runs root for this cluster (else ./runs or $TLA_RUNS)")
 
 
+# A profile name is a file name without a folder: letters, digits, '.', '_', '-', not starting with '.' or '-'.
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+BUILT_IN = "built-in"
+
+
+def check_name(name: str) -> str:
+    """``name`` when it is a plain profile name (no folder, no leading '.' or '-'); else a TlaError."""
+    if not NAME_RE.fullmatch(name) or name.endswith((".yaml", ".yml")):
+        raise TlaError(f"profile name {name!r} is not a plain name (letters, digits, '.', '_', '-'; "
+                       "no folder, no .yaml)")
+    return name
+
+
+def user_dir() -> Path:
+    """The per-user profile directory, where `tla cluster init` writes: the first entry of
+    $TLA_CLUSTER_CONFIGS when set, else $XDG_CONFIG_HOME/tla/clusters (~/.config/tla/clusters)."""
+    env = [p for p in os.environ.get("TLA_CLUSTER_CONFIGS", "").split(os.pathsep) if p]
+    if env:
+        return Path(env[0]).expanduser()
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    # the XDG spec: a relative value is invalid and ignored
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".config"
+    return base / "tla" / "clusters"
+
+
 def search_dirs() -> list[Path]:
-    dirs = []
-    if os.environ.get("TLA_CLUSTER_CONFIGS"):
-        dirs += [Path(p) for p in os.environ["TLA_CLUSTER_CONFIGS"].split(os.pathsep) if p]
+    """The folders a profile name is looked up in, in order (the packaged examples come after)."""
+    dirs = [Path(p).expanduser() for p in os.environ.get("TLA_CLUSTER_CONFIGS", "").split(os.pathsep) if p]
     dirs.append(Path.cwd() / "cluster_configs")
+    if user_dir() not in dirs:
+        dirs.append(user_dir())
     return dirs
 
 
+def _packaged_dir():
+    return resources.files("tla_jobs.jobs") / "profiles"
+
+
 def _packaged(name: str) -> str | None:
-    res = resources.files("tla_jobs.jobs") / "profiles" / f"{name}.yaml"
-    return res.read_text() if res.is_file() else None
+    res = _packaged_dir() / f"{name}.yaml"
+    return res.read_text(encoding="utf-8") if res.is_file() else None
+
+
+def packaged_names() -> list[str]:
+    """The examples shipped in the package (local, slurm, pyxis, apptainer, ...)."""
+    return sorted(r.name[:-5] for r in _packaged_dir().iterdir() if r.name.endswith(".yaml") and r.is_file())
+
+
+def packaged_text(name: str) -> str:
+    """The text of a packaged example, comments included (`tla cluster init` starts from it)."""
+    text = _packaged(name)
+    if text is None:
+        raise TlaError(f"no built-in profile {name!r}; built-in: {', '.join(packaged_names())}")
+    return text
+
+
+def _real(path) -> Path | None:
+    try:
+        return Path(str(path)).resolve()
+    except (OSError, RuntimeError):
+        return None
+
+
+def sources() -> dict[str, list[str]]:
+    """Every profile a name can reach: name -> where it is found, the one that wins first (file
+    paths, or BUILT_IN for a packaged example). The same file reached twice (./cluster_configs is
+    the packaged folder in a checkout) counts once."""
+    found: dict[str, list[str]] = {}
+    seen: set[Path] = set()
+
+    def add(name: str, where: str, real: Path | None) -> None:
+        if real is not None and real in seen:
+            return
+        if real is not None:
+            seen.add(real)
+        found.setdefault(name, []).append(where)
+
+    for d in search_dirs():
+        try:
+            files = sorted(p for p in d.glob("*.yaml") if p.is_file())
+        except OSError:
+            continue
+        for p in files:
+            if NAME_RE.fullmatch(p.stem):
+                add(p.stem, str(p), _real(p))
+    for name in packaged_names():
+        add(name, BUILT_IN, _real(_packaged_dir() / f"{name}.yaml"))
+    return dict(sorted(found.items()))
 
 
 def available() -> list[str]:
-    names = set()
-    for d in search_dirs():
-        names.update(p.stem for p in d.glob("*.yaml"))
-    return sorted(names | {"local"})
+    return list(sources())
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -142,20 +220,37 @@ def _read(path: Path) -> str:
 
 
 def load(name_or_path: str) -> Profile:
-    """A profile by name (searched in $TLA_CLUSTER_CONFIGS, ./cluster_configs, then the built-in
-    `local`) or by path to a YAML file."""
+    """A profile by name (searched in search_dirs(), then the packaged examples) or by path to a
+    YAML file."""
     if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
         path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise TlaError(f"profile file {path} does not exist")
         return parse(_read(path), str(path), path.stem)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name_or_path):
-        raise TlaError(f"profile name {name_or_path!r} is not a plain name")
+    check_name(name_or_path)
     for d in search_dirs():
         path = d / f"{name_or_path}.yaml"
         if path.is_file():
             return parse(_read(path), str(path), name_or_path)
     text = _packaged(name_or_path)
     if text is not None:
-        return parse(text, f"built-in {name_or_path}", name_or_path)
+        return parse(text, f"{BUILT_IN} {name_or_path}", name_or_path)
     raise TlaError(f"unknown cluster profile {name_or_path!r}; available: {', '.join(available())}")
+
+
+def listing() -> list[dict]:
+    """One row per profile name (`tla cluster list`): what the name loads (executor, description),
+    from where (a file path, or BUILT_IN), and what it shadows. A profile that does not load is
+    listed with its error rather than hiding the others."""
+    rows = []
+    for name, wheres in sources().items():
+        row = {"name": name, "executor": None, "description": "", "source": wheres[0], "shadows": wheres[1:],
+               "error": None}
+        try:
+            text = _packaged(name) if wheres[0] == BUILT_IN else _read(Path(wheres[0]))
+            prof = parse(text or "", wheres[0] if wheres[0] != BUILT_IN else f"{BUILT_IN} {name}", name)
+            row.update(executor=prof.executor, description=prof.description)
+        except (TlaError, OSError) as exc:
+            row["error"] = " ".join(str(exc).split())
+        rows.append(row)
+    return rows
