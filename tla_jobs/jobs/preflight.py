@@ -68,20 +68,29 @@ def runs_root_check(root: Path, create: bool) -> Check:
 
 def model_check(specs: list[dict]) -> Check:
     """The trainer's own model checks (TL-Align support, input size, a meta-device forward) for each
-    distinct spec: what would otherwise fail on the cluster after waiting in the queue."""
-    from tla_jobs.train.preflight import check_spec
+    distinct spec: what would otherwise fail on the cluster after waiting in the queue. A recipe
+    that passed before is not checked again (check_cache: the check costs a torch and timm import)."""
+    from tla_jobs.jobs import check_cache
 
     seen: set[str] = set()
+    remembered = 0
     for spec in specs:
-        key = repr(sorted((k, v) for k, v in spec.items() if k not in ("seed", "output_dir", "run_dir")))
+        key = check_cache.key(spec)
         if key in seen:
             continue
         seen.add(key)
+        if check_cache.passed(key):
+            remembered += 1
+            continue
+        from tla_jobs.train.preflight import check_spec
+
         try:
             check_spec(spec)
         except TlaError as exc:
             return Check("model", False, str(exc))
-    return Check("model", True, ", ".join(sorted({s["model"] for s in specs})))
+        check_cache.remember(key)
+    note = f" (passed before: {check_cache.path()})" if remembered == len(seen) else ""
+    return Check("model", True, ", ".join(sorted({s["model"] for s in specs})) + note)
 
 
 def refuse_failed(checks: list[Check]) -> None:

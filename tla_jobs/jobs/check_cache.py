@@ -1,0 +1,80 @@
+"""Remembered model checks: a recipe whose model check passed once is not checked again.
+
+The model check (tla_jobs/train/preflight.py) imports torch and timm and builds the model on the meta
+device: about 4 s of the 5.5 s a `tla submit train` took, spent again on every submission of the same
+recipe (a sweep resubmitted, the next seed, a resume). A pass is remembered under a key made of the
+recipe's fields (all but those that cannot change the model: seed, run directory, data folder), the
+versions of torch, torchvision and timm (read from their metadata, not imported) and the code of the
+checks themselves (tla's version and its check modules' sizes and mtimes): any change there checks
+again. Failures are never remembered. The file is a cache: unreadable or damaged, it is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+
+from tla_jobs import __version__
+
+# Fields that cannot change whether the model builds and aligns.
+UNRELATED = ("seed", "output_dir", "run_dir", "data_path", "epochs", "max_steps", "step_delay", "tensorboard", "wandb",
+             "checkpoint_every_min", "checkpoint_every_epochs", "keep_last", "keep_best")
+# The code the check runs, by module file.
+CHECK_CODE = ("config.py", "train/preflight.py", "train/models.py", "align/__init__.py", "align/attention.py",
+              "align/models.py", "align/cutmix.py", "data/loaders.py")
+KEEP = 500  # remembered passes; the oldest go first
+
+
+def path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tla" / "model-checks.json"
+
+
+def _versions() -> list[str]:
+    out = [__version__]
+    for dist in ("torch", "torchvision", "timm"):
+        try:
+            out.append(f"{dist}={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{dist}=none")
+    root = Path(__file__).resolve().parent.parent
+    for rel in CHECK_CODE:
+        try:
+            st = (root / rel).stat()
+            out.append(f"{rel}:{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            out.append(f"{rel}:missing")
+    return out
+
+
+def key(spec: dict) -> str:
+    recipe = {k: v for k, v in sorted(spec.items()) if k not in UNRELATED}
+    text = json.dumps([recipe, _versions()], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read() -> list[str]:
+    try:
+        keys = json.loads(path().read_text())
+        return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
+    except (OSError, ValueError):
+        return []
+
+
+def passed(k: str) -> bool:
+    return k in _read()
+
+
+def remember(k: str) -> None:
+    """Add a pass; a cache that cannot be written (a read-only home) is simply not kept."""
+    from tla_jobs.fsutil import atomic_write_text
+
+    keys = [x for x in _read() if x != k] + [k]
+    try:
+        path().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path(), json.dumps(keys[-KEEP:]))
+    except OSError:
+        pass
