@@ -108,6 +108,9 @@ def submit_sweep(
                                   "TL-Align's control), none (no mixing). tla, base and grid are short for the "
                                   "first three."),
     cluster: str = typer.Option("local", "--cluster", help=PROFILE_HELP),
+    parallel: int = typer.Option(None, "--array-parallelism", "--parallel", min=1,
+                                 help="Run at most N of the sweep's runs at once; the others wait (SLURM: the "
+                                      "array's %N; default all. Local: a free slot; default one per CPU core)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the job array's batch "
                                  "script; submit nothing, create no run."),
     as_json: bool = typer.Option(False, "--json", help="Print the runs and their submission as JSON."),
@@ -125,6 +128,7 @@ def submit_sweep(
         raise TlaError("--output-dir is not used by `tla submit sweep`: each run lives in RUNS/NAME-MODEL-ARM-sSEED "
                        "(set $TLA_RUNS or the profile's runs_root to choose RUNS)")
     whole, runs = sweep.plans(name, grid, train_kwargs, profile)
+    whole.parallel = parallel
     preflight(whole)
     if dry_run:
         _show_plan(whole)

@@ -76,7 +76,18 @@ class TrainJob:
         limit = getattr(self, "max_requeue_preempt", None)  # jobs pickled by older versions have none
         if limit is not None and spec.get("output_dir"):
             refuse_past_requeue_limit(Path(spec["output_dir"]), limit, getattr(self, "time_min", 0))
-        return train(TrainConfig(**spec), max_stalled_attempts=getattr(self, "max_stalled_attempts", 0))
+        slot = None
+        if spec.get("output_dir"):  # a local sweep's run waits for a free slot (jobs/local.py)
+            from tla_jobs.jobs.local import wait_for_slot
+            from tla_jobs.train.runlog import waiting_for_slot
+
+            out = Path(spec["output_dir"])
+            slot = wait_for_slot(out, rundir_is_main(), lambda n: waiting_for_slot(out, n))
+        try:
+            return train(TrainConfig(**spec), max_stalled_attempts=getattr(self, "max_stalled_attempts", 0))
+        finally:
+            if slot is not None:
+                slot.close()
 
     def checkpoint(self, spec: dict):
         import submitit

@@ -27,10 +27,67 @@ def executor(profile, folder: Path, name: str, env: dict[str, str] | None = None
     return ex
 
 
-def sweep_env(elements: int, tasks: int) -> dict[str, str]:
-    """submitit's local executor starts every element of an array at once: share this machine's cores
-    between them instead of giving each all of them (24 threads on 2 cores run slower than 2)."""
-    return {"TLA_CPU_THREADS": str(max(1, (os.cpu_count() or 1) // (elements * tasks)))}
+SLOTS_ENV = "TLA_SWEEP_SLOTS"  # "N:FOLDER": at most N runs of this local sweep train at once
+
+
+def default_parallelism(tasks: int) -> int:
+    """A local sweep's runs at once by default: one per core (each run's ranks count)."""
+    return max(1, (os.cpu_count() or 1) // tasks)
+
+
+def sweep_env(elements: int, tasks: int, parallel: int, folder: Path) -> dict[str, str]:
+    """submitit's local executor starts every element of an array at once and has no array
+    parallelism: the elements take turns through ``parallel`` slots (wait_for_slot), and the cores
+    are shared between the runs that train at the same time (24 threads on 2 cores run slower than 2)."""
+    running = min(elements, parallel)
+    return {"TLA_CPU_THREADS": str(max(1, (os.cpu_count() or 1) // (running * tasks))),
+            SLOTS_ENV: f"{parallel}:{folder / 'slots'}"}
+
+
+def _held(path: Path) -> bool:
+    """Another process holds the lock on ``path``."""
+    import fcntl
+
+    try:
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def wait_for_slot(run_dir: Path, is_main: bool, on_wait=None, poll_s: float = 1.0):
+    """In a local sweep's job (SLOTS_ENV set): block until fewer than N of the sweep's runs train,
+    then hold this run's slot until the process ends (an flock: a crashed or killed run frees it).
+    Rank 0 takes the slot under the sweep's mutex; the other ranks of the run wait until it has.
+    Returns the open lock file to keep (None outside a local sweep)."""
+    import fcntl
+
+    spec = os.environ.get(SLOTS_ENV)
+    if not spec:
+        return None
+    parallel, folder = int(spec.split(":", 1)[0]), Path(spec.split(":", 1)[1])
+    folder.mkdir(parents=True, exist_ok=True)
+    mine = folder / f"{run_dir.name}.lock"
+    waited = False
+    while True:
+        if not is_main:
+            if _held(mine):
+                return None
+        else:
+            with open(folder / "mutex", "a") as mutex:
+                fcntl.flock(mutex, fcntl.LOCK_EX)
+                running = sum(_held(p) for p in folder.glob("*.lock") if p != mine)
+                if running < parallel:
+                    held = open(mine, "a")  # noqa: SIM115 (held until the process ends)
+                    fcntl.flock(held, fcntl.LOCK_EX)
+                    return held
+        if on_wait is not None and not waited:
+            on_wait(parallel)
+        waited = True
+        time.sleep(poll_s)
 
 
 def _stat_fields(pid: int) -> list[str] | None:

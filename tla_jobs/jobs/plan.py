@@ -33,6 +33,7 @@ class Plan:
     kind: str = "train"
     dependency: str | None = None
     checks: list[Check] = field(default_factory=list)
+    parallel: int | None = None  # a sweep: at most this many runs at once (None: the executor's default)
 
     @property
     def ranks(self) -> int:

@@ -82,7 +82,7 @@ def _mem(mem_gb: float) -> str:
 
 
 def parameters(profile: Profile, name: str, dependency: str | None, mount_list: list[str],
-               array_size: int | None) -> dict:
+               array_size: int | None, parallel: int | None = None) -> dict:
     """submitit.SlurmExecutor's parameters (its own names) for the profile."""
     s, c = profile.slurm, profile.container
     # sbatch reads "#SBATCH --key=value" with its own quoting: a value with spaces goes in double quotes
@@ -108,12 +108,13 @@ def parameters(profile: Profile, name: str, dependency: str | None, mount_list: 
     # a collective until the rendezvous or NCCL timeout.
     params["srun_args"] = ["--kill-on-bad-exit=1", *containers.srun_args(c, mount_list)]
     if array_size:
-        params["array_parallelism"] = array_size
+        params["array_parallelism"] = min(parallel or array_size, array_size)  # sbatch --array=0-N%P
     return params
 
 
 def executor(profile: Profile, folder: Path, name: str, run_dir: Path, data_path: str = "",
-             dependency: str | None = None, array_size: int | None = None, dry_run: bool = False):
+             dependency: str | None = None, array_size: int | None = None, dry_run: bool = False,
+             parallel: int | None = None):
     """submitit's SLURM executor for the profile; with ``dry_run`` one that only renders its script
     (executors.SlurmScriptExecutor), also where SLURM is not installed."""
     import submitit
@@ -125,5 +126,5 @@ def executor(profile: Profile, folder: Path, name: str, run_dir: Path, data_path
     python = containers.step_python(c, mount_list) if c.runtime != "none" else node_python(profile)[0]
     cls = SlurmScriptExecutor if dry_run else submitit.SlurmExecutor
     ex = cls(folder, max_num_timeout=profile.slurm.max_requeue_timeout, python=python)
-    ex.update_parameters(**parameters(profile, name, dependency, mount_list, array_size))
+    ex.update_parameters(**parameters(profile, name, dependency, mount_list, array_size, parallel))
     return ex

@@ -22,14 +22,19 @@ from tla_jobs.jobs.profiles import Profile
 
 
 def executor_for(profile: Profile, folder: Path, name: str, run_dir: Path, data_paths: list[str],
-                  dependency: str | None = None, array_size: int | None = None, dry_run: bool = False):
-    """The submitit executor for the profile, once every value the script gets has been checked."""
+                  dependency: str | None = None, array_size: int | None = None, dry_run: bool = False,
+                  parallel: int | None = None):
+    """The submitit executor for the profile, once every value the script gets has been checked.
+    A job array runs at most ``parallel`` elements at once (SLURM: all by default; local: one per core)."""
     sbatch.check_script_values(profile, [str(run_dir.parent), str(folder), *data_paths], name)
     if profile.executor == "local":
-        env = local.sweep_env(array_size, profile.local.tasks) if array_size else None
+        env = None
+        if array_size:
+            env = local.sweep_env(array_size, profile.local.tasks,
+                                  parallel or local.default_parallelism(profile.local.tasks), folder)
         return local.executor(profile, folder, name, env)
     return sbatch.executor(profile, folder, name, run_dir, data_paths[0] if data_paths else "", dependency,
-                           array_size, dry_run=dry_run)
+                           array_size, dry_run=dry_run, parallel=parallel)
 
 
 def _folder(plan: Plan) -> Path:
@@ -42,11 +47,16 @@ def render(plan: Plan) -> str:
     if plan.profile.executor != "slurm":
         # not through submitit's local executor: building one creates its folder, and a dry run writes nothing
         cmd = [sys.executable, "-m", "submitit.local._local", str(_folder(plan))]
+        at_once = ""
+        if plan.kind == "sweep":
+            n = plan.parallel or local.default_parallelism(plan.profile.local.tasks)
+            at_once = f", {len(plan.specs)} runs, at most {min(n, len(plan.specs))} at once"
         return (f"# submitit local executor: {plan.profile.local.tasks} task(s), timeout "
-                f"{plan.profile.local.timeout_min} min\n{shlex.join(cmd)}\n")
+                f"{plan.profile.local.timeout_min} min{at_once}\n{shlex.join(cmd)}\n")
     array = len(plan.specs) if plan.kind == "sweep" else None
     ex = executor_for(plan.profile, _folder(plan), plan.name, plan.run_dir,
-                       [s.get("data_path", "") for s in plan.specs], plan.dependency, array, dry_run=True)
+                       [s.get("data_path", "") for s in plan.specs], plan.dependency, array, dry_run=True,
+                       parallel=plan.parallel)
     return ex.script(array if array and array > 1 else None)  # submitit submits a one-run array as one job
 
 
@@ -107,13 +117,15 @@ def submit_eval(run_dir: Path, profile: Profile, spec: dict, dependency: str | N
     return entry
 
 
-def submit_sweep(plans: list[Plan], profile: Profile, sweep_dir: Path, name: str) -> list[dict]:
-    """One submitit job array (one SLURM array job) for every run of the sweep."""
+def submit_sweep(plans: list[Plan], profile: Profile, sweep_dir: Path, name: str,
+                 parallel: int | None = None) -> list[dict]:
+    """One submitit job array (one SLURM array job) for every run of the sweep, at most ``parallel``
+    of them at once."""
     from tla_jobs.jobs.entry import TrainJob
 
     specs = [p.specs[0] for p in plans]
     ex = executor_for(profile, sweep_dir, name, plans[0].run_dir, [sp.get("data_path", "") for sp in specs],
-                       array_size=len(specs))
+                       array_size=len(specs), parallel=parallel)
     with _queueing():
         jobs = ex.map_array(TrainJob(**requeue_limits(profile)), specs)
     out = []

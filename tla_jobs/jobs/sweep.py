@@ -71,4 +71,4 @@ def submit(sweep: Plan, runs: list[Plan]) -> list[dict]:
         for run_dir in created:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    return submit_sweep(runs, sweep.profile, sweep.run_dir, sweep.name)
+    return submit_sweep(runs, sweep.profile, sweep.run_dir, sweep.name, sweep.parallel)

@@ -147,6 +147,15 @@ class RunLog:
         return summary
 
 
+def waiting_for_slot(out: Path, parallel: int) -> None:
+    """The heartbeat of a local sweep's run while the sweep's other runs take every slot."""
+    atomic_write_json(
+        out / rundir.HEARTBEAT,
+        {"phase": "waiting for a slot", "array_parallelism": parallel, "time": time.time(), "version": __version__,
+         **rundir.job_identity()},
+    )
+
+
 def waiting_for_ranks(out: Path, world_size: int) -> None:
     """Rank 0's heartbeat while the process group forms, so `tla status` can say so."""
     atomic_write_json(
