@@ -68,7 +68,8 @@ def metrics_epochs(env, run) -> list[int]:
 
 
 def test_submit_status_report_from_sacct(env, digits):
-    job = submit(env, "s1", digits=digits, epochs=2)
+    # slow enough steps that a status poll sees it queued or running (a loaded machine polls slowly)
+    job = submit(env, "s1", "--step-delay", "0.2", digits=digits, epochs=2)
     record = json.loads((env["runs"] / "s1" / "run.json").read_text())
     assert record["submissions"][0]["job_id"] == job and record["submissions"][0]["executor"] == "slurm"
     st = wait_state(env, "s1", {"COMPLETED", "FAILED"})
@@ -120,8 +121,9 @@ def test_preemption_requeues_resumes_and_completes(env, digits, user_signal):
     its checkpoint and complete, with its epochs in order."""
     tag = "us" if user_signal else "site"
     runs = {f"pre-{tag}-grace": "low", f"pre-{tag}-nograce": "lownograce"}
-    # long enough (3 epochs of 0.25 s steps) that the first run cannot finish while the second one starts
-    jobs = {name: submit(env, name, "--partition", part, "--step-delay", "0.25", "--checkpoint-every-min", "0",
+    # long enough (3 epochs of 0.4 s steps) that neither run can finish before the preemption lands,
+    # also on a loaded machine
+    jobs = {name: submit(env, name, "--partition", part, "--step-delay", "0.4", "--checkpoint-every-min", "0",
                          digits=digits, epochs=3) for name, part in runs.items()}
     for name in runs:
         wait_step(env, name, 5)
@@ -244,7 +246,10 @@ def test_failed_job_is_failed_and_logs_show_the_error(env, digits, tmp_path):
     out = tla(env, "submit", "train", "--name", "fx", "--cluster", "testslurm", *FAST, "--dataset", "imagefolder",
               "--data-path", data, "--epochs", "1", "--json", check=True).stdout
     job = json.loads(out)["job_id"]
-    shutil.rmtree(data)  # removed after submission, before the job reads it
+    # removed after submission, before the job reads it: renamed away first, so that the job sees the whole
+    # folder or none of it (rmtree alone, mid-way, leaves classes missing from one split: another error)
+    gone = data.rename(tmp_path / "gone")
+    shutil.rmtree(gone)
     st = wait_state(env, "fx", {"FAILED", "COMPLETED"}, timeout=180)
     assert st["state"] == "FAILED"
     errors = tla(env, "logs", "fx", "--errors", check=True).stdout
