@@ -54,14 +54,18 @@ def test_packaged_examples_load_by_name_outside_the_checkout(world, tmp_path):
     assert all(r["source"] == "built-in" and r["shadows"] == [] and r["error"] is None for r in listed.values())
     assert listed["slurm"]["executor"] == "slurm" and listed["local"]["executor"] == "local"
     # each loads by name: `cluster check` loads the profile first (a failure there is exit 2), then
-    # checks the cluster, which without sinfo on PATH fails (exit 1) for the SLURM ones
+    # checks the cluster, which without sinfo on PATH fails (exit 3, a check found a problem) for the
+    # SLURM ones
     env = no_slurm(world, tmp_path)
     for name in EXAMPLES:
         proc = tla(env, "cluster", "check", name, "--json")
         checks = json.loads(proc.stdout)
         executor = listed[name]["executor"]
         assert checks[0] == {**checks[0], "name": "profile", "ok": True, "detail": f"{name}: {executor}"}, checks
-        assert proc.returncode == (0 if executor == "local" else 1), proc.stderr
+        if executor == "local":
+            assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        else:
+            assert proc.returncode == 3 and proc.stderr == "tla: error: 1 of 3 checks failed: sinfo\n", proc.stderr
     table = tla(world, "cluster", "list", check=True).stdout
     assert "built-in" in table and "deit-repro" in table
 

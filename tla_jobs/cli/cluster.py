@@ -94,6 +94,7 @@ def cluster_check(
 ) -> None:
     """Is the profile valid, and does the cluster answer (sinfo, sacct, partition limits, image,
     shared folders writable)?"""
+    from tla_jobs.errors import ChecksFailed
     from tla_jobs.jobs import profiles, records, slurm
     from tla_jobs.jobs.plan import Check
     from tla_jobs.jobs.preflight import runs_root_check
@@ -108,5 +109,6 @@ def cluster_check(
     else:
         for c in checks:
             console.print(f"  {c.label}  {c.name}: {c.detail}", highlight=False)
-    if not all(c.ok for c in checks):
-        raise typer.Exit(1)
+    failed = [c.name for c in checks if not c.ok]
+    if failed:  # exit code 3, as for every check that finds a problem (errors.py)
+        raise ChecksFailed(f"{len(failed)} of {len(checks)} checks failed: {', '.join(failed)}")
