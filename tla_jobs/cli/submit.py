@@ -16,7 +16,8 @@ submit_app = typer.Typer(help="Submit training runs (one, or a sweep as one job 
 app.add_typer(submit_app, name="submit")
 console = Console()
 
-PROFILE_HELP = "Cluster profile: a name in ./cluster_configs (or $TLA_CLUSTER_CONFIGS), or a YAML path."
+PROFILE_HELP = ("Cluster profile: a name (`tla cluster list` shows them: $TLA_CLUSTER_CONFIGS, ./cluster_configs, "
+                "~/.config/tla/clusters, the built-in examples) or a YAML path.")
 
 
 def _profile(name: str, overrides: dict):
