@@ -1,8 +1,12 @@
-"""`tla status` over many synthetic run directories (target: under 1 s for 1,000 runs here).
+"""`tla status` over many synthetic run directories (target: under 1.5 s for 10,000 runs here).
 
-Creates N runs with run.json, heartbeat, attempts and metrics (as a finished local run leaves
-them) in a temporary runs root, then times `tla status --json` and `tla status` as subprocesses.
-Usage: python benchmarks/bench_status.py [--runs 1000] [--repeat 3]
+Creates N runs as finished local runs leave them (run.json, heartbeat with progress, attempts, 300-epoch
+metrics, summary; 1 in 10 failed; the job's process long gone), their files dated over the last 10 days,
+in a temporary runs root; then times each command as a fresh subprocess (Python start and imports
+included): once "cold", with no run's status cache (as after creating the runs or upgrading tla: that
+call computes every run and writes its cache), then --repeat times "warm".
+Usage: python benchmarks/bench_status.py [--runs 1000] [--repeat 3] [--code DIR]
+(--code: time the tla_jobs of another checkout instead, e.g. `git archive OLD | tar -x -C DIR`.)
 """
 
 from __future__ import annotations
@@ -17,43 +21,78 @@ import tempfile
 import time
 from pathlib import Path
 
+from tla_jobs import rundir
 from tla_jobs.rundir import metrics_summary
+
+COMMANDS = (["status", "--json"], ["status"], ["status", "--state", "FAILED"], ["report", "--format", "csv"])
 
 
 def make_runs(root: Path, n: int) -> None:
+    now = time.time()
     for i in range(n):
-        d = root / f"run{i:04d}"
+        d = root / f"run{i:05d}"
         d.mkdir(parents=True)
-        (d / "run.json").write_text(json.dumps({
-            "name": d.name, "spec": {"model": "deit_tiny_patch16_224", "epochs": 300, "tl_align": True},
-            "profile": {"executor": "local"}, "submissions": [{"job_id": str(4_000_000 + i), "executor": "local"}],
-            "evals": []}))
-        rows = [{"epoch": e, "acc1": 50 + e / 10, "acc5": 90.0, "epoch_s": 60.0} for e in range(300)]
-        (d / "heartbeat.json").write_text(json.dumps({"phase": "finished", "epoch": 300, "time": time.time(),
+        job = str(4_000_000 + i)  # a local job whose process has ended (no such pid)
+        end = now - 600 - (n - i) * 10 * 86400 / n  # finished over the last 10 days, the last one 10 min ago
+        start = end - 300 * 60.0
+        failed = i % 10 == 7
+        epochs = 120 if failed else 300
+        (d / rundir.RUN_JSON).write_text(json.dumps({
+            "name": d.name, "created": start - 30, "spec": {"model": "deit_tiny_patch16_224", "epochs": 300,
+                                                            "tl_align": True, "seed": i % 3},
+            "profile": {"executor": "local"}, "evals": [],
+            "submissions": [{"job_id": job, "executor": "local", "submitted": start - 20}]}))
+        rows = [{"epoch": e, "acc1": 50 + e / 10, "acc5": 90.0, "epoch_s": 60.0} for e in range(epochs)]
+        (d / rundir.HEARTBEAT).write_text(json.dumps({"phase": "stopped" if failed else "finished",
+                                                      "epoch": epochs, "epochs": 300, "time": end,
                                                       "progress": metrics_summary(rows)}))
-        (d / "attempts.jsonl").write_text(json.dumps({"event": "start", "epoch": 0, "global_step": 0}) + "\n"
-                                          + json.dumps({"event": "end", "reason": "completed", "epoch": 300}) + "\n")
-        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (d / "summary.json").write_text(json.dumps({"best_acc1": 80.0}))
+        who = {"job_id": job, "restart_count": 0, "executor": "local"}
+        (d / rundir.ATTEMPTS).write_text(
+            json.dumps({"event": "start", "epoch": 0, "global_step": 0, "time": start, **who}) + "\n"
+            + json.dumps({"event": "end", "reason": "error" if failed else "completed", "epoch": epochs,
+                          "time": end, **who}) + "\n")
+        (d / rundir.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if not failed:
+            (d / rundir.SUMMARY).write_text(json.dumps({"state": "completed", "best_acc1": rows[-1]["acc1"]}))
+        for f in d.iterdir():
+            os.utime(f, (end, end))
+
+
+def drop_caches(root: Path) -> None:
+    for d in root.iterdir():
+        (d / rundir.STATUS_CACHE).unlink(missing_ok=True)
+
+
+def timed(cmd: list[str], env: dict) -> float | None:
+    """Seconds the command took; None when it failed (an option an older checkout does not have)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "tla_jobs", *cmd], env=env, capture_output=True)
+    return time.perf_counter() - t0 if proc.returncode == 0 else None
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=int, default=1000)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--code", type=Path, help="a checkout whose tla_jobs is timed (default: this one)")
     args = p.parse_args()
+    print(f"load average before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "runs"
         make_runs(root, args.runs)
         env = {**os.environ, "TLA_RUNS": str(root)}
-        for cmd in (["status", "--json"], ["status"], ["report", "--format", "csv"]):
-            times = []
-            for _ in range(args.repeat):
-                t0 = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "tla_jobs", *cmd], env=env, capture_output=True, check=True)
-                times.append(time.perf_counter() - t0)
-            print(f"tla {' '.join(cmd):22s} over {args.runs} runs: median {statistics.median(times):.2f} s "
-                  f"(min {min(times):.2f} s)")
+        if args.code:
+            env["PYTHONPATH"] = str(args.code.resolve())
+        for cmd in COMMANDS:
+            drop_caches(root)
+            cold = timed(cmd, env)
+            if cold is None:
+                print(f"tla {' '.join(cmd):24s} failed (not in this version?)", flush=True)
+                continue
+            warm = [t for _ in range(args.repeat) if (t := timed(cmd, env)) is not None]
+            print(f"tla {' '.join(cmd):24s} over {args.runs} runs: cold {cold:.2f} s, warm median "
+                  f"{statistics.median(warm):.2f} s (min {min(warm):.2f} s)", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

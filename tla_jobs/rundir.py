@@ -35,6 +35,7 @@ CHECKPOINT_EPOCH_RE = r"checkpoint_epoch(\d+)\.pth"
 CHECKPOINT_LOG = "checkpoints.jsonl"  # one line per checkpoint written: name, sha256, epoch, top-1/5, size
 TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files of rank 0 (`tensorboard --logdir runs/`)
 CONFIG_YAML = "config.yaml"  # the resolved TrainConfig, so `--config runs/NAME/config.yaml` repeats a run
+STATUS_CACHE = ".status-cache.json"  # `tla status`'s copy of a finished run's status (jobs/state.py: only a cache)
 
 
 def sweep_dir(root: Path, name: str) -> Path:

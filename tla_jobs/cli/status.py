@@ -4,8 +4,10 @@ display of `--follow`."""
 
 from __future__ import annotations
 
-import json
+import gc
+import re
 import time
+from datetime import datetime
 from pathlib import Path
 
 import typer
@@ -15,9 +17,11 @@ from rich.table import Table
 
 from tla_jobs.cli.app import app, guard
 from tla_jobs.cli.show import MARK, STYLE, console, eta, fmt, refuse_damage, run_paths, throughput
-from tla_jobs.jobs.scheduler import FINAL
+from tla_jobs.errors import TlaError
+from tla_jobs.jobs.scheduler import ACTIVE, FINAL
 
 HIDE_AFTER_DAYS = 14  # `tla status` without --all leaves out runs that ended longer ago
+DEFAULT_LIMIT = 50  # the table shows this many of the most recent runs (and says how many more there are)
 
 
 def _evals_cell(st) -> str:
@@ -57,20 +61,6 @@ def _table(statuses) -> Table:
                                 f"{st.gpu_hours:.2f}", st.source, escape(event)]))
         t.add_row(*(cells[c] for c in keep))
     return t
-
-
-def _status_json(st) -> dict:
-    return {
-        "run": st.name, "path": str(st.path), "state": st.state, "source": st.source,
-        "attempts": [{"start": a["start"], "end": a["end"], "outcome": a.get("outcome"), "job": a.get("job"),
-                      "restart_count": a.get("restart_count")} for a in st.attempts],
-        "evals": [vars(ev) for ev in st.evals], "waiting_for_ranks": st.waiting_for_ranks,
-        "jobs": [vars(j) for j in st.jobs], "epoch": st.epoch, "epochs": st.spec.get("epochs"),
-        "best_acc1": st.best_acc1, "last_acc1": st.last_acc1, "gpu_hours": st.gpu_hours, "eta_s": st.eta_s(),
-        "heartbeat": st.heartbeat, "last_event": st.last_event,
-        "job_ids": [s["job_id"] for s in st.record.get("submissions", [])],
-        "problems": st.problems,
-    }
 
 
 def _detail(st) -> None:
@@ -134,48 +124,168 @@ def _detail(st) -> None:
 @app.command("status")
 @guard
 def status(
-    runs: list[str] = typer.Argument(None, help="Runs to show (default: every run under the runs root)."),
-    watch: bool = typer.Option(False, "--watch", help="Refresh every 2 s until every run shown has ended."),
-    all_runs: bool = typer.Option(False, "--all", help=f"Also runs that ended over {HIDE_AFTER_DAYS} days ago."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    runs: list[str] = typer.Argument(
+        None, help="Runs to show, by name or directory; a sweep's name shows every run of the sweep (a run of "
+                   "that name wins). Default: every run under the runs roots."),
+    watch: bool = typer.Option(
+        False, "--watch", help="Refresh every 2 s until every run shown has ended; into a pipe or a file: one "
+                               "timestamped line per run whenever its state or epoch changes."),
+    all_runs: bool = typer.Option(
+        False, "--all", help=f"Every run: also those that ended over {HIDE_AFTER_DAYS} days ago, and the table "
+                             "without a --limit."),
+    limit: int = typer.Option(
+        None, "--limit", min=0, help=f"Only the N most recent runs (default: {DEFAULT_LIMIT} in the table, every run "
+                                     "with --json or runs named); 0: no limit."),
+    since: str = typer.Option(
+        None, "--since", help="Only runs active since then (created, submitted or heartbeat): an age (30m, 2h, 3d, "
+                              "1w) or a date (2026-11-20, 2026-11-20T14:00, local time); instead of the "
+                              f"{HIDE_AFTER_DAYS}-day rule."),
+    states: list[str] = typer.Option(
+        None, "--state", help="Only runs in these states, comma-separated (RUNNING,FAILED; any case; may be "
+                              "repeated)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output: a JSON list, one run a line."),
 ) -> None:
-    """A table of runs (state from one sacct call, squeue or the trainer's heartbeat); one run: its attempts."""
+    """A table of runs (state from one sacct call, squeue or the trainer's heartbeat), most recent first;
+    one run: its attempts."""
+    # Thousands of runs are hundreds of thousands of small dicts and lists without cycles: the cyclic
+    # collector would only scan them again and again (a third of the time of 10,000 runs).
+    gc.disable()
+    try:
+        _status(runs, watch, all_runs, limit, since, states, as_json)
+    finally:
+        gc.enable()
+
+
+def _status(runs, watch, all_runs, limit, since, states, as_json) -> None:
+    from tla_jobs.jobs import records
     from tla_jobs.jobs.state import collect
 
-    paths = run_paths(runs)
-    statuses = collect(paths)
+    wanted = parse_states(states)  # a typo fails before any run is read
+    after = parse_since(since) if since else None
+    one_run = bool(runs) and len(runs) == 1
+    if runs:
+        paths: list[Path] = []
+        for name in runs:
+            found, is_sweep = records.run_or_sweep(name)
+            one_run = one_run and not is_sweep
+            paths += [p for p in found if p not in paths]
+    else:
+        paths = run_paths(None)
+    statuses = collect(paths, cache=True)  # finished runs from their status cache (jobs/state.py)
+    if after is not None:
+        statuses = [st for st in statuses if st.last_activity >= after]
+    if wanted:
+        statuses = [st for st in statuses if st.state in wanted]
     hidden = 0
-    if not runs and not all_runs:
+    if not runs and not all_runs and after is None:  # --since says which runs are recent enough instead
         cutoff = time.time() - HIDE_AFTER_DAYS * 86400
         shown = [st for st in statuses if st.state not in FINAL or st.problems or st.last_activity >= cutoff]
         hidden, statuses = len(statuses) - len(shown), shown
-        paths = [st.path for st in statuses]
+    if not runs:  # runs with a damaged file first (they need a look), then the most recent
+        statuses.sort(key=lambda st: (bool(st.problems), st.last_activity), reverse=True)
+    if limit is None:
+        limit = 0 if as_json or runs or all_runs else DEFAULT_LIMIT
+    listed = statuses[:limit] if limit else statuses
+    more = len(statuses) - len(listed)
     if as_json:
-        if not runs or len(statuses) != 1 or statuses[0].state != "DAMAGED":
-            _ = [st.metrics for st in statuses if runs and st.state != "DAMAGED"]  # named runs: metrics checked too
-        typer.echo(json.dumps([_status_json(s) for s in statuses], default=str, indent=2))
+        _ = [st.metrics for st in listed if runs and st.state != "DAMAGED"]  # named runs: metrics checked too
+        typer.echo(json_lines([st.json_text() for st in listed]))
         refuse_damage(statuses)
         return
-    if not statuses:
-        from tla_jobs.jobs.records import runs_root
-
-        console.print(f"no runs under {runs_root()}" + (f" but {hidden} that ended long ago (--all)" if hidden else ""))
+    filters = " ".join([f"--state {','.join(sorted(wanted))}"] * bool(wanted) + [f"--since {since}"] * bool(since))
+    if not listed:
+        root = records.runs_root()
+        if filters:
+            console.print(f"no runs match {filters} among {len(paths)} run(s)" + ("" if runs else f" under {root}"),
+                          highlight=False)
+        else:
+            console.print(f"no runs under {root}" + (f" but {hidden} that ended long ago (--all)" if hidden else ""))
+        refuse_damage(statuses)
         return
     if watch:
-        with Live(_table(statuses), console=console, refresh_per_second=1) as live:
-            while not all(s.state in FINAL for s in statuses):
-                time.sleep(2)
-                statuses = collect(paths)
-                live.update(_table(statuses))
-        refuse_damage(statuses)
+        paths = [st.path for st in listed]
+        if console.is_terminal:
+            with Live(_table(listed), console=console, refresh_per_second=1) as live:
+                while not all(s.state in FINAL for s in listed):
+                    time.sleep(2)
+                    listed = collect(paths, cache=True)
+                    live.update(_table(listed))
+        else:  # a pipe or a file: rich's live display would leave nothing useful there
+            listed = watch_lines(paths, listed)
+        refuse_damage(listed)
         return
-    if runs and len(statuses) == 1:
-        _detail(statuses[0])
+    if one_run and len(listed) == 1:
+        _detail(listed[0])
     else:
-        console.print(_table(statuses))
+        console.print(_table(listed))
+    if more:
+        which = f" that match {filters}" if filters else ""
+        console.print(f"showing the {len(listed)} most recent of {len(statuses)} runs{which}; {more} more not shown "
+                      "(--limit N shows N, --all every run)", highlight=False)
     if hidden:
         console.print(f"{hidden} run(s) that ended over {HIDE_AFTER_DAYS} days ago are not shown (--all shows them)")
     refuse_damage(statuses)
+
+
+def json_lines(lines: list[str]) -> str:
+    """A JSON list with one run a line (RunStatus.json_text): as valid as an indented one, greppable,
+    and written by json's C encoder (indent= takes its pure-Python one: 0.8 s instead of 0.15 s for
+    10,000 runs), or copied from a finished run's status cache as it is."""
+    return "[\n" + ",\n".join(lines) + "\n]" if lines else "[]"
+
+
+def parse_states(values: list[str] | None) -> set[str]:
+    """--state RUNNING,FAILED (any case; NOT_SUBMITTED or not-submitted for NOT SUBMITTED) -> state names."""
+    known = ACTIVE | FINAL
+    out = set()
+    for value in values or []:
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            name = part.strip().upper()
+            forms = {name, name.replace("_", " ").replace("-", " "), name.replace("-", "_").replace(" ", "_")}
+            match = forms & known
+            if not match:
+                raise TlaError(f"--state {part.strip()!r} is not a state; one of: {', '.join(sorted(known))}")
+            out |= match
+    return out
+
+
+SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str) -> float:
+    """--since 2h / 3d / 1w / 30m / 90s, or an ISO date or time (local time unless it says otherwise)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", text.strip().lower())
+    if m:
+        return time.time() - float(m.group(1)) * SINCE_UNITS[m.group(2)]
+    try:
+        return datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        raise TlaError(f"--since {text!r}: give an age (30m, 2h, 3d, 1w) or a date (2026-11-20 or "
+                       "2026-11-20T14:00)") from None
+
+
+def watch_lines(paths: list[Path], statuses) -> list:
+    """`--watch` into a pipe: one line per run at the start and whenever its state or epoch changes,
+    each with the time and flushed at once; until every run has ended (the live table's rule)."""
+    from tla_jobs.jobs.state import collect
+
+    seen: dict[Path, tuple] = {}
+    while True:
+        for st in statuses:
+            epoch = "-" if st.state == "DAMAGED" else st.epoch
+            now = (st.state, epoch, st.waiting_for_ranks)
+            if seen.get(st.path) != now:
+                seen[st.path] = now
+                state = st.state + (" (waiting for ranks)" if st.waiting_for_ranks else "")
+                best = "-" if st.state == "DAMAGED" else fmt(st.best_acc1)
+                print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {st.name} {state} epoch {epoch}/"
+                      f"{st.spec.get('epochs', '?')} best top-1 {best} ({st.last_event})", flush=True)
+        if all(st.state in FINAL for st in statuses):
+            return statuses
+        time.sleep(2)
+        statuses = collect(paths, cache=True)
 
 
 def follow_run(run_dir: Path) -> int:

@@ -91,6 +91,11 @@ def merged(run: Path, rank: int | None = None) -> list[str]:
     return [line for _, line in sorted(stamped, key=lambda x: x[0])] + other
 
 
+def last(lines: list[str], n: int | None) -> list[str]:
+    """The last ``n`` lines (all of them when ``n`` is None)."""
+    return lines[-n:] if n else lines
+
+
 def error_lines(run: Path, rank: int | None = None) -> list[str]:
     """Tracebacks (whole) and lines naming known failure causes, from submitit's logs and ours."""
     out: list[str] = []

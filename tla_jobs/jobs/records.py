@@ -114,6 +114,20 @@ def resolve(name_or_path: str) -> Path:
     raise TlaError(f"run {name_or_path} does not exist in {path.parent}")
 
 
+def run_or_sweep(name: str) -> tuple[list[Path], bool]:
+    """What a positional name of `tla status`/`tla logs` means: a run (by name or directory; a run's
+    name wins), else every run of the sweep of that name. Returns (paths, True when it is a sweep)."""
+    try:
+        return [resolve(name)], False
+    except TlaError as exc:
+        if not NAME_RE.fullmatch(name) or ".." in name:
+            raise
+        try:
+            return sweep_runs(name), True
+        except TlaError:
+            raise TlaError(f"{exc}, and no sweep has that name") from None
+
+
 def sweep_runs(name: str, paths: list[Path] | None = None) -> list[Path]:
     """The runs of the sweep ``name`` (run.json's "sweep"), among ``paths`` or every run."""
     out = [p for p in (all_runs() if paths is None else paths) if (damage.record(p)[0] or {}).get("sweep") == name]
@@ -126,6 +140,12 @@ def all_runs(root: Path | None = None) -> list[Path]:
     """Every run under ``root``, or under every runs root (roots())."""
     out: list[Path] = []
     for r in [root] if root else roots():
-        if r.is_dir():
-            out += sorted(p.parent for p in r.glob(f"*/{rundir.RUN_JSON}"))
+        try:
+            names = os.listdir(r)
+        except OSError:  # no runs root (yet), or not a folder
+            continue
+        # one stat a run: a listing of 10,000 runs is in `tla status`'s time (a damaged run.json,
+        # even a directory, still marks a run)
+        base = f"{r}{os.sep}"
+        out += [r / n for n in sorted(names) if os.path.exists(f"{base}{n}{os.sep}{rundir.RUN_JSON}")]
     return out
