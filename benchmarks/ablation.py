@@ -51,18 +51,20 @@ def recompute(path: Path) -> dict:
     from tla_jobs.jobs.stats import paired
 
     data = json.loads(path.read_text())
-    runs, control = data["runs"], data["control"]
-    by = {(r["mixing"], r["seed"]): r for r in runs}
+    runs, control, metric = data["runs"], data["control"], data["metric"]
+    by = {(r["model"], r["mixing"], r["seed"]): r for r in runs}
     out = {"paired": {}, "label_shift": {}}
-    for mixing in sorted({r["mixing"] for r in runs} - {control}):
-        seeds = sorted(s for m, s in by if m == mixing and (control, s) in by)
-        res = paired([by[(mixing, s)][data["metric"]] - by[(control, s)][data["metric"]] for s in seeds])
-        out["paired"][mixing] = {k: res[k] for k in ("n", "diffs", "mean", "ci95_low", "ci95_high", "p_t",
-                                                     "p_sign_flip")}
-    shifts = [r["label_shift"]["trained"]["mean_abs_shift"] for r in runs if r.get("label_shift")]
-    if shifts:
-        out["label_shift"] = {"runs": len(shifts), "mean_abs_shift_mean": statistics.fmean(shifts),
-                              "min": min(shifts), "max": max(shifts)}
+    for model, mixing in sorted({(r["model"], r["mixing"]) for r in runs if r["mixing"] != control}):
+        seeds = sorted(s for m, x, s in by if (m, x) == (model, mixing) and (model, control, s) in by)
+        res = paired([by[(model, mixing, s)][metric] - by[(model, control, s)][metric] for s in seeds])
+        out["paired"][f"{model} {mixing} - {control}"] = {
+            k: res[k] for k in ("n", "diffs", "mean", "ci95_low", "ci95_high", "p_t", "p_sign_flip")}
+    for model in sorted({r["model"] for r in runs}):
+        shifts = [r["label_shift"]["trained"]["mean_abs_shift"] for r in runs
+                  if r["model"] == model and r.get("label_shift")]
+        if shifts:
+            out["label_shift"][model] = {"runs": len(shifts), "mean_abs_shift_mean": statistics.fmean(shifts),
+                                         "min": min(shifts), "max": max(shifts)}
     return out
 
 
@@ -71,7 +73,7 @@ def main() -> None:
     p.add_argument("--name", default="paired")
     p.add_argument("--dataset", default="fashion-mnist", choices=("digits", "fashion-mnist"))
     p.add_argument("--per-class", type=int, default=300, help="fashion-mnist: train and val images per class")
-    p.add_argument("--model", default="tla_swin_micro")
+    p.add_argument("--model", default="tla_swin_micro", help="one model, or several, comma-separated")
     p.add_argument("--img-size", default="32")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--seeds", default="0,1,2,3,4")
@@ -83,6 +85,7 @@ def main() -> None:
                         "erasing 0.25, drop-path 0.1, label smoothing 0.1)")
     p.add_argument("--metric", default="best_acc1", choices=("best_acc1", "last_acc1"))
     p.add_argument("--parallel", default="2", help="runs at once (`tla submit sweep --parallel`)")
+    p.add_argument("--workers", default="0", help="data-loading workers per run")
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     p.add_argument("--recompute", type=Path, help="only recompute the statistics of this results JSON")
     args = p.parse_args()
@@ -99,7 +102,7 @@ def main() -> None:
     sweep = ["submit", "sweep", "--name", args.name, "--cluster", "local", "--models", args.model,
              "--arms", args.arms, "--seeds", args.seeds, "--dataset", args.dataset, "--data-path", str(data),
              "--img-size", args.img_size, "--epochs", str(args.epochs), "--batch-size", args.batch_size,
-             "--lr", args.lr, "--workers", "0", "--no-repeated-aug", *shlex.split(args.recipe),
+             "--lr", args.lr, "--workers", args.workers, "--no-repeated-aug", *shlex.split(args.recipe),
              "--checkpoint-every-min", "5", "--checkpoint-every-epochs", "0", "--parallel", args.parallel, "--json"]
     t0 = time.time()
     runs = [r["run"] for r in json.loads(tla(*sweep))]
