@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -63,11 +64,18 @@ def drop_caches(root: Path) -> None:
         (d / rundir.STATUS_CACHE).unlink(missing_ok=True)
 
 
-def timed(cmd: list[str], env: dict) -> float | None:
-    """Seconds the command took; None when it failed (an option an older checkout does not have)."""
+def timed(cmd: list[str], env: dict) -> tuple[float, float] | None:
+    """Seconds the command took (wall, and CPU: user + system, which a loaded machine changes less);
+    None when it failed (an option an older checkout does not have)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "tla_jobs", *cmd], env=env, capture_output=True)
-    return time.perf_counter() - t0 if proc.returncode == 0 else None
+    # from the runs root's folder: `-m` puts the working directory first on sys.path, before --code's
+    proc = subprocess.run([sys.executable, "-m", "tla_jobs", *cmd], env=env, capture_output=True,
+                          cwd=Path(env["TLA_RUNS"]).parent)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return (wall, cpu) if proc.returncode == 0 else None
 
 
 def main() -> None:
@@ -90,8 +98,10 @@ def main() -> None:
                 print(f"tla {' '.join(cmd):24s} failed (not in this version?)", flush=True)
                 continue
             warm = [t for _ in range(args.repeat) if (t := timed(cmd, env)) is not None]
-            print(f"tla {' '.join(cmd):24s} over {args.runs} runs: cold {cold:.2f} s, warm median "
-                  f"{statistics.median(warm):.2f} s (min {min(warm):.2f} s)", flush=True)
+            walls, cpus = [w for w, _ in warm], [c for _, c in warm]
+            print(f"tla {' '.join(cmd):24s} over {args.runs} runs: cold {cold[0]:.2f} s (CPU {cold[1]:.2f} s), "
+                  f"warm median {statistics.median(walls):.2f} s (min {min(walls):.2f} s; CPU median "
+                  f"{statistics.median(cpus):.2f} s), load {os.getloadavg()[0]:.2f}", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

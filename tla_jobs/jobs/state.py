@@ -177,7 +177,7 @@ def collect(paths: list[Path], view: SchedulerView | None = None, cache: bool = 
             keys.update(_source_keys(p, record))  # before the files are read: a later change shows in them
             st = _one_safe(p, record, view)
             if _cacheable(st, view):
-                _cache_store(st, keys)
+                st = _cache_store(st, keys) or st  # as read back from it: --json prints the text just written
             out.append(st)
     return out
 
@@ -416,7 +416,7 @@ def _source_keys(path: Path, record: dict) -> dict[str, list[int] | None]:
     names = [rundir.ATTEMPTS, rundir.HEARTBEAT, rundir.SUMMARY, rundir.METRICS]
     for entry in record.get("submissions", []) + record.get("evals", []):
         try:
-            names.append(str(pickles.result_path(local.folder_of(entry, path), job_of(entry))))
+            names.append(_result_pickle(entry, path))
         except Exception:  # a job id submitit cannot name: nothing to key on, so nothing cached
             names.append("")
     for entry in record.get("evals", []):
@@ -424,6 +424,24 @@ def _source_keys(path: Path, record: dict) -> dict[str, list[int] | None]:
         names.append(str(out / rundir.EVAL))
     base = str(path) + os.sep
     return {n.removeprefix(base): _stat_key(n if n.startswith(os.sep) else base + n) if n else [-1] for n in names}
+
+
+_PROBE = "0tla0job0"
+_PICKLE_NAME: list[str] = []  # submitit's name of a result pickle, split where the job id goes
+
+
+def _result_pickle(entry: dict, run: Path) -> str:
+    """pickles.result_path of a job, as a string, for 10,000 runs: submitit's JobPaths names the file
+    in the folder by putting the job id into a pattern, so the name is taken from it once (a probe id,
+    checked to come out as the pattern's only change) and filled in; anything else asks JobPaths."""
+    folder, job = str(local.folder_of(entry, run)), job_of(entry)
+    if not _PICKLE_NAME:
+        probe = pickles.result_path(Path(os.sep, "x"), _PROBE)
+        parts = probe.name.split(_PROBE)
+        _PICKLE_NAME.extend(parts if len(parts) == 2 and str(probe.parent) == os.sep + "x" else ["", "", "?"])
+    if len(_PICKLE_NAME) == 2 and os.path.isabs(folder) and "%" not in folder and job.replace("_", "").isdigit():
+        return f"{folder}{os.sep}{_PICKLE_NAME[0]}{job}{_PICKLE_NAME[1]}"
+    return str(pickles.result_path(Path(folder), job))
 
 
 def _cacheable(st: RunStatus, view: SchedulerView) -> bool:
@@ -445,8 +463,9 @@ def _cacheable(st: RunStatus, view: SchedulerView) -> bool:
     return not any(r.state in ACTIVE for r in st.jobs)
 
 
-def _cache_store(st: RunStatus, keys: dict) -> None:
-    """Write the run's status cache; ``keys``: the files' keys, and under "" when they were taken.
+def _cache_store(st: RunStatus, keys: dict) -> RunStatus | None:
+    """Write the run's status cache, and return the status as read back from it (None when nothing
+    was written); ``keys``: the files' keys, and under "" when they were taken.
 
     Three lines, so that a reader decodes only what it uses: the header (what it is valid for, and
     the run's state and last activity: all a listing needs to filter and order runs), the run's
@@ -457,18 +476,19 @@ def _cache_store(st: RunStatus, keys: dict) -> None:
     fresh = (taken - RACY_S) * 1e9 if isinstance(taken, float) else 0
     keys = {k: v for k, v in keys.items() if k and not (progress_in_beat and k == rundir.METRICS)}
     if any(k is not None and (k == [-1] or k[2] > fresh) for k in keys.values()):
-        return  # a file changed moments before it was read (or cannot be keyed): computed again next time
+        return None  # a file changed moments before it was read (or cannot be keyed): computed again next time
     target = st.path / rundir.STATUS_CACHE
     tmp = f"{target}.{_HOST}.{os.getpid()}.tmp"  # unique to this process, on any host sharing the folder
     try:
         form = st.as_json()
         del form["run"], form["path"]
-        data = "\n".join([
-            json.dumps({"format": CACHE_FORMAT, "code": _code_stamp(), "files": keys, "name": st.name,
-                        "state": st.state, "last_activity": st.last_activity}),
+        head = json.dumps({"format": CACHE_FORMAT, "code": _code_stamp(), "files": keys, "name": st.name,
+                           "state": st.state, "last_activity": st.last_activity}).encode()
+        body = "\n".join([
             json.dumps(form, default=str),
             json.dumps({"record": st.record, "summary": st.summary, "decided_by": st.decided_by,
                         "progress": None if progress_in_beat else st.progress}), ""]).encode()
+        data = head + b"\n" + body
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask decides, as for other files
         try:
             if os.write(fd, data) != len(data):
@@ -481,6 +501,8 @@ def _cache_store(st: RunStatus, keys: dict) -> None:
             os.unlink(tmp)
         except OSError:
             pass
+        return None
+    return CachedStatus(st.path, st.name, st.state, float(st.last_activity), body)
 
 
 def _cache_load(path: Path) -> RunStatus | None:
