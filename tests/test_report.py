@@ -178,4 +178,7 @@ def test_plot_has_two_or_three_panels_integer_epochs_a_labelled_band_and_says_wh
     labels = [t.get_text() for t in top1.get_legend().get_texts()]
     assert "deit_tiny_patch16_224 tl-align: mean of 3" in labels
     assert "deit_tiny_patch16_224 tl-align: ± 1 std" in labels
+    # an arm keeps its colour in the panel that shows only it
+    tla_top1 = next(ln for ln in top1.get_lines() if ln.get_label().startswith("deit_tiny_patch16_224 tl-align"))
+    assert shift.get_lines()[0].get_color() == tla_top1.get_color()
     plt.close(fig)

@@ -225,7 +225,7 @@ def test_watch_into_a_pipe_prints_a_line_per_run_and_stops_when_all_have_ended(s
     proc = tla(sweeps, "status", "sw", "--watch", check=True, timeout=60)
     lines = proc.stdout.splitlines()
     assert len(lines) == 2, proc.stdout
-    assert re.fullmatch(rf"{STAMP} sw-a COMPLETED epoch 3/3 best top-1 52\.00 \(attempt ended: completed at epoch 3\)",
+    assert re.fullmatch(rf"{STAMP} sw-a COMPLETED epoch 3/3 best_acc1 52\.00 \(attempt ended: completed at epoch 3\)",
                         lines[0]), lines
     assert re.match(rf"{STAMP} sw-b FAILED epoch 2/3", lines[1]), lines
 

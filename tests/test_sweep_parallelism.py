@@ -17,7 +17,7 @@ def test_a_local_sweep_trains_at_most_n_runs_at_once(tmp_path, digits):
               "--epochs", "1", "--max-steps", "4", "--step-delay", "0.3", "--parallel", "1", "--json",
               check=True).stdout
     runs = [s["run"] for s in json.loads(out)]
-    seen_waiting = set()
+    seen_waiting, states_seen = set(), set()
 
     def done() -> bool:
         for r in runs:
@@ -28,6 +28,7 @@ def test_a_local_sweep_trains_at_most_n_runs_at_once(tmp_path, digits):
             except (OSError, ValueError):
                 pass
         states = json.loads(tla(env, "status", *runs, "--json", check=True).stdout)
+        states_seen.update(s["state"] for s in states)
         return all(s["state"] == "COMPLETED" for s in states)
 
     wait_for(done, 300, every=0.5, what="the sweep to complete")
@@ -42,6 +43,7 @@ def test_a_local_sweep_trains_at_most_n_runs_at_once(tmp_path, digits):
     for (_, end), (start, _) in zip(spans, spans[1:]):
         assert start >= end - 0.5, spans  # one after the other: no two trained at once
     assert seen_waiting, "no run was seen waiting for a slot"
+    assert "PENDING" in states_seen, states_seen  # status says a waiting run is queued, not running
 
 
 def test_slurm_sweep_array_parallelism_is_the_arrays_percent_n():

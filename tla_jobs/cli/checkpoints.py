@@ -33,8 +33,8 @@ def _verified(row: dict) -> str:
 
 def _show(rows: list[dict], per_run: dict[str, dict], overall: dict) -> None:
     table = Table(show_lines=False)
-    for col in ("run", "which", "epoch", "top-1", "top-5", "ema", "size", "sha256", "path"):
-        table.add_column(col, justify="right" if col in ("epoch", "top-1", "top-5", "size") else "left")
+    for col in ("run", "which", "epoch", "acc1", "acc5", "ema", "size", "sha256", "path"):
+        table.add_column(col, justify="right" if col in ("epoch", "acc1", "acc5", "size") else "left")
     for r in rows:
         which = f"epoch {r['epoch']}" if r["which"] == "epoch" else r["which"]
         table.add_row(r["run"], which, fmt(r["epoch"], "d"), fmt(r["acc1"]), fmt(r["acc5"]),
@@ -102,7 +102,7 @@ def prune(
         return
     verb = "would remove" if dry_run else "removed"
     for r in out["removed"]:
-        console.print(f"{verb} {Path(r['path']).name} (epoch {r['epoch']}, top-1 {fmt(r['acc1'])}, "
+        console.print(f"{verb} {Path(r['path']).name} (epoch {r['epoch']}, acc1 {fmt(r['acc1'])}, "
                       f"{_size(r['bytes'])})")
     console.print(f"{out['run']}: {verb} {len(out['removed'])} checkpoint(s), {_size(out['bytes'])}; "
                   f"kept {len(out['kept'])}" + (f" (resume from {out['resume']})" if out["resume"] else ""))

@@ -39,7 +39,7 @@ def _evals_cell(st) -> str:
 def _table(statuses) -> Table:
     t = Table(title=None, show_lines=False)
     narrow = console.width < 140  # a laptop terminal: the least needed columns go
-    cols = ("run", "state", "attempt", "epoch", "best top-1", "last top-1", "ETA", "evals", "GPU-h", "source",
+    cols = ("run", "state", "attempt", "epoch", "best_acc1", "last_acc1", "ETA", "evals", "GPU-h", "source",
             "last event")
     keep = [c for c in cols if not (narrow and c in ("source", "last event", "GPU-h"))]
     for col in keep:
@@ -86,7 +86,7 @@ def _detail(st) -> None:
     console.print(t)
     if st.evals:
         ev_table = Table(title=f"eval jobs of {st.name}")
-        for col in ("eval", "job", "which", "checkpoint", "epoch", "sha256", "state", "top-1", "top-5", "error"):
+        for col in ("eval", "job", "which", "checkpoint", "epoch", "sha256", "state", "acc1", "acc5", "error"):
             ev_table.add_column(col, no_wrap=col in ("eval", "which", "sha256"))
         for ev in st.evals:
             state = f"[{STYLE.get(ev.state, '')}]{ev.state}[/]" if STYLE.get(ev.state) else ev.state
@@ -281,7 +281,7 @@ def watch_lines(paths: list[Path], statuses) -> list:
                 state = st.state + (" (waiting for ranks)" if st.waiting_for_ranks else "")
                 best = "-" if st.state == "DAMAGED" else fmt(st.best_acc1)
                 print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {st.name} {state} epoch {epoch}/"
-                      f"{st.spec.get('epochs', '?')} best top-1 {best} ({st.last_event})", flush=True)
+                      f"{st.spec.get('epochs', '?')} best_acc1 {best} ({st.last_event})", flush=True)
         if all(st.state in FINAL for st in statuses):
             return statuses
         time.sleep(2)
@@ -305,7 +305,7 @@ def follow_run(run_dir: Path) -> int:
             hb = damage.heartbeat(run_dir)[0] or {}
             if hb:
                 bar.update(epochs, completed=st.epoch,
-                           info=f"best top-1 {fmt(st.best_acc1)}  last {fmt(st.last_acc1)}")
+                           info=f"best_acc1 {fmt(st.best_acc1)}  last_acc1 {fmt(st.last_acc1)}")
                 total = hb.get("steps_per_epoch")
                 if hb.get("phase") == "training" and hb.get("step", 0) > 0:
                     info = (f"{hb.get('phase')} loss {hb.get('train_loss', 0):.3f}  "
@@ -318,7 +318,7 @@ def follow_run(run_dir: Path) -> int:
                 break
             time.sleep(1)
     color = STYLE.get(st.state, "")
-    console.print(f"{st.name}: [{color}]{st.state}[/]  best top-1 {fmt(st.best_acc1)}  ({st.last_event})")
+    console.print(f"{st.name}: [{color}]{st.state}[/]  best_acc1 {fmt(st.best_acc1)}  ({st.last_event})")
     return 0 if st.state == "COMPLETED" else 1
 
 

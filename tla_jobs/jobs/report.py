@@ -267,6 +267,11 @@ def figure(statuses: list[RunStatus], by_arm: bool = False):
     panels = PANELS + ((SHIFT_PANEL,) if any(m.get("w_shift") is not None for st in statuses for m in st.metrics)
                        else ())
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), dpi=120)
+    # one colour per arm (or run) in every panel, also where a panel shows only some of them
+    names = sorted({f"{st.spec.get('model', '')} {_mixing(st)}" for st in statuses}) if by_arm else \
+        [st.name for st in statuses]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
     for ax, (key, label) in zip(axes, panels):
         if by_arm:
             groups: dict[str, list[list[float]]] = {}
@@ -278,15 +283,15 @@ def figure(statuses: list[RunStatus], by_arm: bool = False):
                 n = min(len(c) for c in curves)
                 stats = [_mean_std([c[e] for c in curves]) for e in range(n)]
                 xs, mean = list(range(1, n + 1)), [m for m, _ in stats]
-                line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{name}: mean of {len(curves)}")
-                ax.fill_between(xs, [m - sd for m, sd in stats], [m + sd for m, sd in stats], color=line.get_color(),
+                ax.plot(xs, mean, marker="o", ms=3, color=colour[name], label=f"{name}: mean of {len(curves)}")
+                ax.fill_between(xs, [m - sd for m, sd in stats], [m + sd for m, sd in stats], color=colour[name],
                                 alpha=0.15, label=f"{name}: ± 1 std" if len(curves) > 1 else None)
         else:
             for st in statuses:
                 rows = [m for m in st.metrics if m.get(key) is not None]
                 if rows:
                     ax.plot([m["epoch"] + 1 for m in rows], [m[key] for m in rows], marker="o", ms=3,
-                            label=f"{st.name} ({_mixing(st)})")
+                            color=colour[st.name], label=f"{st.name} ({_mixing(st)})")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         bottom = ax.get_ylim()[0]

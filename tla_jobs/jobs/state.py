@@ -152,7 +152,7 @@ def collect(paths: list[Path], view: SchedulerView | None = None, cache: bool = 
                 loaded.append((p, hit, None))
                 continue
             # the files' keys are taken before they are read (and when): see "The status cache" below
-            keys = {"": time.time(), rundir.RUN_JSON: _stat_key(os.path.join(p, rundir.RUN_JSON))}
+            keys = {"": time.time(), rundir.RUN_JSON: _stat_key(f"{p}{os.sep}{rundir.RUN_JSON}")}
         record, problem = damage.record(p)
         if problem:  # listed, with what is wrong, instead of vanishing or breaking every other run
             loaded.append((p, problem, None))
@@ -236,6 +236,11 @@ def _one(path: Path, record: dict, view: SchedulerView) -> RunStatus:
     st.waiting_for_ranks = (st.state in ("RUNNING", "UNKNOWN") and beat.get("phase") == "waiting for ranks"
                             and str(beat.get("job_id", job_of(latest))) == job_of(latest))
     st.last_event = _last_event(st, st.attempts[-1]["end"] if st.attempts else None)
+    # a local sweep's run whose process waits for one of the sweep's slots (jobs/local.py): queued
+    if (st.state == "RUNNING" and beat.get("phase") == "waiting for a slot"
+            and str(beat.get("job_id", job_of(latest))) == job_of(latest)):
+        st.state = "PENDING"
+        st.last_event = f"waiting for a slot (at most {beat.get('array_parallelism', '?')} of the sweep at once)"
     return st
 
 
@@ -400,17 +405,18 @@ def _code_stamp() -> str:
     return _CODE_STAMP
 
 
-def _stat_key(path: str) -> list[int] | None:
-    """What tells a file's contents apart without reading it: inode, size, mtime and ctime (ns);
-    None for a missing file. ctime cannot be set back, so a rewrite that restores the mtime shows."""
+def _stat_key(path: str) -> tuple[str, int]:
+    """What tells a file's contents apart without reading it, "inode:size:mtime:ctime" (ns; "-" for
+    a missing or unreadable file), and its mtime. ctime cannot be set back, so a rewrite that restores
+    the size and the mtime still shows."""
     try:
         s = os.stat(path)
     except OSError:
-        return None
-    return [s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns]
+        return "-", 0
+    return f"{s.st_ino}:{s.st_size}:{s.st_mtime_ns}:{s.st_ctime_ns}", s.st_mtime_ns
 
 
-def _source_keys(path: Path, record: dict) -> dict[str, list[int] | None]:
+def _source_keys(path: Path, record: dict) -> dict[str, tuple[str, int] | None]:
     """The key of every file a run's status is computed from, except run.json (collect() stats it
     before reading it). Names inside the run directory are relative, so a moved run keeps its cache."""
     names = [rundir.ATTEMPTS, rundir.HEARTBEAT, rundir.SUMMARY, rundir.METRICS]
@@ -423,7 +429,7 @@ def _source_keys(path: Path, record: dict) -> dict[str, list[int] | None]:
         out = Path(entry.get("output_dir") or rundir.eval_dir(path, str(entry.get("eval_id", ""))))
         names.append(str(out / rundir.EVAL))
     base = str(path) + os.sep
-    return {n.removeprefix(base): _stat_key(n if n.startswith(os.sep) else base + n) if n else [-1] for n in names}
+    return {n.removeprefix(base): _stat_key(n if n.startswith(os.sep) else base + n) if n else None for n in names}
 
 
 _PROBE = "0tla0job0"
@@ -473,16 +479,17 @@ def _cache_store(st: RunStatus, keys: dict) -> RunStatus | None:
     status (run.json's record, summary.json, the progress figures when metrics.jsonl gave them)."""
     progress_in_beat = isinstance((st.heartbeat or {}).get("progress"), dict)  # then metrics.jsonl was not used
     taken = keys.get("")
-    fresh = (taken - RACY_S) * 1e9 if isinstance(taken, float) else 0
     keys = {k: v for k, v in keys.items() if k and not (progress_in_beat and k == rundir.METRICS)}
-    if any(k is not None and (k == [-1] or k[2] > fresh) for k in keys.values()):
+    newest = max((v[1] for v in keys.values() if v is not None), default=0)
+    if None in keys.values() or not isinstance(taken, float) or newest > (taken - RACY_S) * 1e9:
         return None  # a file changed moments before it was read (or cannot be keyed): computed again next time
     target = st.path / rundir.STATUS_CACHE
     tmp = f"{target}.{_HOST}.{os.getpid()}.tmp"  # unique to this process, on any host sharing the folder
     try:
         form = st.as_json()
         del form["run"], form["path"]
-        head = json.dumps({"format": CACHE_FORMAT, "code": _code_stamp(), "files": keys, "name": st.name,
+        head = json.dumps({"format": CACHE_FORMAT, "code": _code_stamp(), "files": list(keys),
+                           "key": ",".join(v[0] for v in keys.values()), "newest": newest, "name": st.name,
                            "state": st.state, "last_activity": st.last_activity}).encode()
         body = "\n".join([
             json.dumps(form, default=str),
@@ -507,23 +514,29 @@ def _cache_store(st: RunStatus, keys: dict) -> RunStatus | None:
 
 def _cache_load(path: Path) -> RunStatus | None:
     """The run's cached status if it is valid for its files now (see above), else None. Plain
-    strings and os.stat: this runs once a run, 10,000 times for a large runs root."""
-    d = str(path) + os.sep
+    strings and system calls: this runs once a run, 10,000 times for a large runs root."""
+    d = f"{path}{os.sep}"
     try:
-        with open(d + rundir.STATUS_CACHE, "rb") as f:
-            written = os.fstat(f.fileno()).st_mtime_ns
-            data = f.read()
+        fd = os.open(d + rundir.STATUS_CACHE, os.O_RDONLY)
+    except OSError:  # none (yet), or unreadable
+        return None
+    try:
+        try:
+            written = os.fstat(fd)
+            data = os.read(fd, written.st_size + 1)
+        finally:
+            os.close(fd)
+        if len(data) != written.st_size:
+            return None  # replaced while it was read
         cut = data.index(b"\n")
-        head = json.loads(data[:cut])
-        if head.get("format") != CACHE_FORMAT or head.get("code") != _code_stamp():
+        head = json.loads(data[:cut].decode())
+        if head["format"] != CACHE_FORMAT or head["code"] != _code_stamp() \
+                or head["newest"] > written.st_mtime_ns - RACY_S * 1e9:
             return None
-        settled = written - RACY_S * 1e9
-        for name, key in head["files"].items():
-            now = _stat_key(name if name.startswith(os.sep) else d + name)
-            if now != key or (now is not None and now[2] > settled):
-                return None
+        if ",".join([_stat_key(n if n.startswith(os.sep) else d + n)[0] for n in head["files"]]) != head["key"]:
+            return None
         return CachedStatus(path, head["name"], head["state"], float(head["last_activity"]), data[cut + 1:])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, unreadable, or another shape
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # unreadable, or another shape
         return None
 
 
