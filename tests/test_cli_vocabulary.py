@@ -20,11 +20,10 @@ from tla_jobs.errors import TlaError
 
 
 def _commands(cmd, path):
-    if hasattr(cmd, "commands"):  # a group (typer carries its own click: no isinstance on click.Group)
-        for name, sub in cmd.commands.items():
-            yield from _commands(sub, [*path, name])
-    else:
-        yield " ".join(path), cmd
+    """Every command and group (a group's own options: `tla checkpoints` lists, `... prune` prunes)."""
+    yield " ".join(path), cmd
+    for name, sub in getattr(cmd, "commands", {}).items():  # typer carries its own click: no isinstance
+        yield from _commands(sub, [*path, name])
 
 
 COMMANDS = dict(_commands(typer.main.get_command(app), ["tla"]))
@@ -95,3 +94,11 @@ def test_shell_completion_script_and_completions():
         proc = subprocess.run([tla], capture_output=True, text=True, env={
             **os.environ, "_TLA_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": cword})
         assert expected in proc.stdout.split(), proc.stdout + proc.stderr
+
+
+def test_every_command_that_prints_a_table_has_json_output():
+    tables = ["tla status", "tla report", "tla checkpoints", "tla checkpoints prune", "tla cluster list",
+              "tla cluster check"]
+    for name in tables:
+        flags = {opt for p in COMMANDS[name].params for opt in getattr(p, "opts", [])}
+        assert "--json" in flags or "--format" in flags, name
