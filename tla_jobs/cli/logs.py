@@ -30,7 +30,8 @@ def logs(
     lines: int = typer.Option(None, "--lines", "-n", min=1, help=f"Only the last N lines (default: every line of a "
                                                                  f"run; {SWEEP_LINES} of each run of a sweep)."),
 ) -> None:
-    """The run's logs: the trainer's per-rank logs and submitit's per-task stdout/stderr."""
+    """The run's logs: the trainer's per-rank logs and submitit's per-task stdout/stderr; of a sweep,
+    each run's last lines under a header."""
     from tla_jobs.jobs import damage, records
     from tla_jobs.jobs import logs as L
 
