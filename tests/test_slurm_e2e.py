@@ -253,7 +253,8 @@ def test_failed_job_is_failed_and_logs_show_the_error(env, digits, tmp_path):
     st = wait_state(env, "fx", {"FAILED", "COMPLETED"}, timeout=180)
     assert st["state"] == "FAILED"
     errors = tla(env, "logs", "fx", "--errors", check=True).stdout
-    assert "does not exist" in errors and "DataError" in errors
+    # the job finds the folder gone at its start ("does not exist") or, when it started first, mid-epoch
+    assert "DataError" in errors and ("does not exist" in errors or "no readable image" in errors), errors[-2000:]
     assert job
 
 
