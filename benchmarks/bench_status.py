@@ -64,9 +64,9 @@ def drop_caches(root: Path) -> None:
         (d / rundir.STATUS_CACHE).unlink(missing_ok=True)
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, float] | None:
+def timed(cmd: list[str], env: dict) -> tuple[float, float] | str:
     """Seconds the command took (wall, and CPU: user + system, which a loaded machine changes less);
-    None when it failed (an option an older checkout does not have)."""
+    what it said when it failed (an option an older checkout does not have)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     # from the runs root's folder: `-m` puts the working directory first on sys.path, before --code's
@@ -75,7 +75,9 @@ def timed(cmd: list[str], env: dict) -> tuple[float, float] | None:
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-    return (wall, cpu) if proc.returncode == 0 else None
+    if proc.returncode != 0:
+        return f"exit {proc.returncode}: {(proc.stderr.decode(errors='replace').strip().splitlines() or [''])[-1]}"
+    return wall, cpu
 
 
 def main() -> None:
@@ -94,10 +96,10 @@ def main() -> None:
         for cmd in COMMANDS:
             drop_caches(root)
             cold = timed(cmd, env)
-            if cold is None:
-                print(f"tla {' '.join(cmd):24s} failed (not in this version?)", flush=True)
+            if isinstance(cold, str):
+                print(f"tla {' '.join(cmd):24s} failed: {cold}", flush=True)
                 continue
-            warm = [t for _ in range(args.repeat) if (t := timed(cmd, env)) is not None]
+            warm = [t for _ in range(args.repeat) if not isinstance(t := timed(cmd, env), str)]
             walls, cpus = [w for w, _ in warm], [c for _, c in warm]
             print(f"tla {' '.join(cmd):24s} over {args.runs} runs: cold {cold[0]:.2f} s (CPU {cold[1]:.2f} s), "
                   f"warm median {statistics.median(walls):.2f} s (min {min(walls):.2f} s; CPU median "
