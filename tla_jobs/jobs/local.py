@@ -68,7 +68,8 @@ def wait_for_slot(run_dir: Path, is_main: bool, on_wait=None, poll_s: float = 1.
     spec = os.environ.get(SLOTS_ENV)
     if not spec:
         return None
-    parallel, folder = int(spec.split(":", 1)[0]), Path(spec.split(":", 1)[1])
+    count, where = spec.split(":", 1)
+    parallel, folder = int(count), Path(where)
     folder.mkdir(parents=True, exist_ok=True)
     mine = folder / f"{run_dir.name}.lock"
     waited = False
@@ -84,7 +85,7 @@ def wait_for_slot(run_dir: Path, is_main: bool, on_wait=None, poll_s: float = 1.
                     held = open(mine, "a")  # noqa: SIM115 (held until the process ends)
                     fcntl.flock(held, fcntl.LOCK_EX)
                     return held
-        if on_wait is not None and not waited:
+        if on_wait is not None and is_main and not waited:  # only rank 0 writes the run's files
             on_wait(parallel)
         waited = True
         time.sleep(poll_s)
