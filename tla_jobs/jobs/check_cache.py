@@ -11,6 +11,7 @@ again. Failures are never remembered. The file is a cache: unreadable or damaged
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -33,7 +34,8 @@ def path() -> Path:
     return Path(base) / "tla" / "model-checks.json"
 
 
-def _versions() -> list[str]:
+@functools.cache  # once per process: a sweep keys every run's spec against the same libraries and code
+def _versions() -> tuple[str, ...]:
     out = [__version__]
     for dist in ("torch", "torchvision", "timm"):
         try:
@@ -47,7 +49,7 @@ def _versions() -> list[str]:
             out.append(f"{rel}:{st.st_size}:{st.st_mtime_ns}")
         except OSError:
             out.append(f"{rel}:missing")
-    return out
+    return tuple(out)
 
 
 def key(spec: dict) -> str:
