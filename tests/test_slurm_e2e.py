@@ -335,8 +335,13 @@ def test_a_dead_rank_fails_a_two_node_job_at_once(env, digits):
 def test_status_says_waiting_for_ranks(env, tmp_path):
     """Rank 0's heartbeat while the process group forms: status says so (a real running job, a real
     run directory)."""
-    job = sh("sbatch", "--parsable", "-p", "debug", "-c", "1", "--wrap", "sleep 120").stdout.strip()
+    job = sh("sbatch", "--parsable", "-p", "debug", "-c", "1", "--wrap", "sleep 900").stdout.strip()
     try:
+        # Other tests of the session may hold both nodes for minutes: wait for SLURM to start the job
+        # before the heartbeat is written, so the heartbeat is fresh when status reads it.
+        deadline = time.time() + 600
+        while time.time() < deadline and sh("squeue", "-h", "-o", "%T", "-j", job, check=False).stdout.strip() != "RUNNING":
+            time.sleep(1)
         run = env["runs"] / "waiting"
         run.mkdir(parents=True)
         now = time.time()
