@@ -166,12 +166,13 @@ def test_cancel_sweep_stops_every_run_of_it(env, digits):
     runs = [s["run"] for s in json.loads(out)]
     jobs = [s["job_id"] for s in json.loads(out)]
     wait_for(lambda: all(status(env, r)["state"] == "RUNNING" for r in runs), 120, what="the sweep's runs to start")
-    proc = tla(env, "cancel", "--sweep", "sw", "--train", check=True)
+    proc = tla(env, "cancel", "sw", "--train", check=True)  # a sweep's name, as `tla status sw` takes it
     for r in runs:
         assert f"cancelled {r}" in proc.stdout, proc.stdout
     wait_for(lambda: not any(alive(int(j)) for j in jobs), 60, what="the sweep's jobs to stop")
     assert [status(env, r)["state"] for r in runs] == ["CANCELLED", "CANCELLED"]
     assert_clean_error(tla(env, "cancel", "--sweep", "no-such-sweep"), "no runs of a sweep")
+    assert_clean_error(tla(env, "cancel", "no-such-sweep"), "no sweep has that name")
     assert_clean_error(tla(env, "cancel"), "give one run")
 
 

@@ -13,7 +13,7 @@ console = Console()
 @app.command("cancel")
 @guard
 def cancel(
-    run: str = typer.Argument(None, help="Run name or directory."),
+    run: str = typer.Argument(None, help="Run name or directory; a sweep's name cancels every run of it."),
     sweep: str = typer.Option(None, "--sweep", help="Cancel every run of this sweep (`tla submit sweep --name`)."),
     train_only: bool = typer.Option(False, "--train", help="Only the training job, not the eval jobs."),
     eval_only: bool = typer.Option(False, "--eval", help="Only the eval jobs, not the training job."),

@@ -44,8 +44,9 @@ def cancel(run: str | None = None, sweep: str | None = None, train_only: bool = 
     if sweep:
         paths = records.sweep_runs(records.check_name(sweep))
     else:
-        paths = [records.resolve(run)]
-        records.load(paths[0])  # a damaged run says so
+        paths, is_sweep = records.run_or_sweep(run)  # a sweep's name works as in `tla status`
+        if not is_sweep:
+            records.load(paths[0])  # a damaged run says so
     loaded = [(p, damage.record(p)[0]) for p in paths]
     ids = [str(e["job_id"]) for _, rec in loaded if rec for e in rec.get("submissions", []) + rec.get("evals", [])
            if e.get("executor") == "slurm"]
