@@ -38,9 +38,12 @@ def default_parallelism(tasks: int) -> int:
 def sweep_env(elements: int, tasks: int, parallel: int, folder: Path) -> dict[str, str]:
     """submitit's local executor starts every element of an array at once and has no array
     parallelism: the elements take turns through ``parallel`` slots (wait_for_slot), and the cores
-    are shared between the runs that train at the same time (24 threads on 2 cores run slower than 2)."""
+    are shared between the runs that train at the same time (24 threads on 2 cores run slower than 2).
+    A TLA_CPU_THREADS the user set wins: only they know what else shares the cores (two sweeps at once
+    with two threads each ran 4.5x slower on 2 cores than with one)."""
     running = min(elements, parallel)
-    return {"TLA_CPU_THREADS": str(max(1, (os.cpu_count() or 1) // (running * tasks))),
+    threads = os.environ.get("TLA_CPU_THREADS") or str(max(1, (os.cpu_count() or 1) // (running * tasks)))
+    return {"TLA_CPU_THREADS": threads,
             SLOTS_ENV: f"{parallel}:{folder / 'slots'}"}
 
 
