@@ -51,3 +51,16 @@ def test_slurm_sweep_array_parallelism_is_the_arrays_percent_n():
     assert sbatch.parameters(profile, "s", None, [], 6, 2)["array_parallelism"] == 2
     assert sbatch.parameters(profile, "s", None, [], 6)["array_parallelism"] == 6  # default: all at once
     assert sbatch.parameters(profile, "s", None, [], 3, 10)["array_parallelism"] == 3
+
+
+def test_a_local_sweep_shares_the_cores_unless_the_user_said_how_many_threads(monkeypatch, tmp_path):
+    from tla_jobs.jobs import local
+
+    monkeypatch.setattr(local.os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("TLA_CPU_THREADS", raising=False)
+    assert local.sweep_env(6, 1, 2, tmp_path)["TLA_CPU_THREADS"] == "4"  # two runs at once on 8 cores
+    assert local.sweep_env(1, 2, 4, tmp_path)["TLA_CPU_THREADS"] == "4"  # one run of two ranks
+    assert local.sweep_env(20, 1, 16, tmp_path)["TLA_CPU_THREADS"] == "1"
+    monkeypatch.setenv("TLA_CPU_THREADS", "3")
+    env = local.sweep_env(6, 1, 2, tmp_path)
+    assert env["TLA_CPU_THREADS"] == "3" and env[local.SLOTS_ENV] == f"2:{tmp_path / 'slots'}"
