@@ -29,8 +29,10 @@ FAST_WORKERS ?= 3
 TEST_WORKERS ?= 4
 XDIST = --dist loadgroup -n
 
+# test-fast: the quick loop while editing: no SLURM, no containers, no test marked `slow` (those that
+# train real models or build one through timm); `make test` runs everything.
 test-fast: $(STAMP)
-	$(VENV)/bin/pytest $(XDIST) $(FAST_WORKERS) --durations=15 -m "not slurm and not container"
+	$(VENV)/bin/pytest $(XDIST) $(FAST_WORKERS) --durations=15 -m "not slurm and not container and not slow"
 
 # The whole suite, SLURM and container tests included: the one-machine SLURM cluster
 # (tests/slurm_cluster, needs root) is brought up first and down afterwards, also when tests fail.

@@ -445,7 +445,14 @@ PROFILE_FILES = {
 }
 
 
-@pytest.mark.parametrize("args, fragment", ARGS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in ARGS])
+def _case(args: list[str], fragment: str):
+    """The cases that build a model (timm and torch imported: seconds each) are `slow`: `make test`
+    runs them, `make test-fast` leaves them out."""
+    builds = "preflight failed" in fragment or (args[0] == "train" and "--model" in args)
+    return pytest.param(args, fragment, id=" ".join(args[:1] + args[-2:]), marks=[pytest.mark.slow] if builds else [])
+
+
+@pytest.mark.parametrize("args, fragment", [_case(a, f) for a, f in ARGS])
 def test_bad_argument_is_one_line_and_writes_nothing(world, digits, tmp_path, args, fragment):
     root, env = world
     for name, text in PROFILE_FILES.items():
@@ -555,6 +562,7 @@ def test_bad_data_is_refused_before_anything_is_queued(world, digits, tmp_path, 
 
 
 @pytest.mark.parametrize("spoil", [_cut_in_half, _bomb, _one_class], ids=["cut-png", "bomb-png", "one-class"])
+@pytest.mark.slow
 def test_trainer_refuses_bad_data_at_start_not_at_step_n(digits, tmp_path, spoil):
     data = tmp_path / "data"
     shutil.copytree(digits, data)
@@ -603,6 +611,7 @@ def _fill(path: Path) -> None:
         os.close(fd)
 
 
+@pytest.mark.slow
 def test_read_only_runs_root(world, digits, mounts):
     root, env = world
     ro = mounts("ro", "size=4m")
@@ -627,6 +636,7 @@ def test_read_only_runs_root(world, digits, mounts):
     assert tla(env, "status", "good-a").returncode == 0 and tla(env, "report").returncode == 0
 
 
+@pytest.mark.slow
 def test_full_disk(world, digits, mounts, tmp_path):
     root, env = world
     full = mounts("full", "size=512k")

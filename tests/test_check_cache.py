@@ -9,7 +9,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import FAST, run_tla
+
+pytestmark = pytest.mark.slow  # trains real models: `make test`, not `make test-fast`
 
 
 def test_a_passed_model_check_is_remembered_and_a_new_recipe_is_checked(tmp_path, digits):

@@ -55,6 +55,7 @@ def test_keep_last_and_keep_best_leave_exactly_the_expected_files(run):
     assert all(r["ema"] and r["step_in_epoch"] == 0 for r in log)
 
 
+@pytest.mark.slow
 def test_listing_matches_the_files_on_disk(run):
     metrics = rows_of(run / rundir.METRICS)
     rows = checkpoints.list_checkpoints(run, verify=True)
@@ -90,6 +91,7 @@ def test_listing_says_what_is_damaged_or_unknown(copy):
                                                                      "no_sidecar": 2}
 
 
+@pytest.mark.slow
 def test_listing_and_pruning_do_not_import_torch(run):
     code = ("import sys; from tla_jobs import checkpoint_files as c; "
             f"c.list_checkpoints({str(run)!r}, verify=True); c.prune({str(run)!r}, 1, dry_run=True); "
@@ -112,6 +114,7 @@ def test_prune_dry_run_changes_nothing(copy):
     assert checkpoints.prune(copy, keep_last=0)["removed"] == []  # 0 keeps them all
 
 
+@pytest.mark.slow
 def test_prune_keeps_the_only_good_checkpoint_a_new_attempt_would_resume_from(copy, digits):
     periodic = sorted(copy.glob("checkpoint_epoch*.pth"), key=lambda p: checkpoints.epoch_number(p.name))
     newest, good = periodic[-1], periodic[-2]

@@ -151,6 +151,7 @@ def test_dry_run_scripts_match_expected_files(env, digits, profile):
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_dry_run_prints_script_and_checks_and_writes_nothing(env, digits, tmp_path):
     # no SLURM commands on PATH: the script is still printed, the failed sinfo check makes the exit non-zero
     empty_bin = tmp_path / "bin"
@@ -184,6 +185,7 @@ def test_local_dry_run_writes_nothing_and_the_real_submission_still_works(env, d
     (["--model", "tla_swin_micro", "--img-size", "24"], "windows do not tile"),
     (["--model", "resnet18", "--no-tl-align", "--img-size", "64"], "--model resnet18 cannot be built"),
 ])
+@pytest.mark.slow
 def test_dry_run_with_a_failed_check_exits_non_zero(env, digits, args, fragment):
     """Preflight runs the trainer's model checks (meta device): a job TL-Align cannot run is never queued,
     and a dry run that fails a check says so on stderr and exits non-zero, after printing its checks."""

@@ -114,6 +114,7 @@ def test_init_without_sinfo_is_one_line_and_writes_nothing(world, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("sinfo") is None, reason="sinfo is not installed")
+@pytest.mark.slow
 def test_init_when_the_controller_does_not_answer(world, tmp_path):
     """A real sinfo against a controller that is not there (port 9 on this machine): one line, exit 2."""
     conf = tmp_path / "slurm.conf"
@@ -123,6 +124,7 @@ def test_init_when_the_controller_does_not_answer(world, tmp_path):
     assert "controller" in proc.stderr and not user_dir(world).exists()
 
 
+@pytest.mark.slow
 def test_init_refuses_an_existing_file_bad_names_and_unknown_examples(world, tmp_path):
     env = no_slurm(world, tmp_path)  # each is refused before sinfo is asked
     user_dir(world).mkdir(parents=True)
@@ -215,6 +217,7 @@ def activate_line() -> str:
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_init_on_the_cluster_checks_and_runs(on_cluster, digits):
     env = on_cluster
     out = tla(env, "cluster", "init", "mine", "--from", "slurm", check=True).stdout
@@ -241,6 +244,7 @@ def test_init_on_the_cluster_checks_and_runs(on_cluster, digits):
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_init_on_the_cluster_with_a_partition(on_cluster):
     env = on_cluster
     res = json.loads(tla(env, "cluster", "init", "lowq", "--partition", "low", "--json", check=True).stdout)

@@ -23,6 +23,8 @@ from tla_jobs.train.models import build_model
 PLAIN_TIMM = """
 import json, sys
 import timm, torch
+
+pytestmark = pytest.mark.slow  # trains real models: `make test`, not `make test-fast`
 path, fmt = sys.argv[1], sys.argv[2]
 if fmt == "safetensors":
     from safetensors import safe_open

@@ -49,6 +49,7 @@ def stranger():
     proc.wait()
 
 
+@pytest.mark.slow
 def test_cancel_of_a_finished_run_changes_nothing(env, finished):
     before = (env["runs"] / finished / "run.json").read_text()
     proc = tla(env, "cancel", finished, check=True)
@@ -78,6 +79,7 @@ def _rename_job(env, run, old: str, new: str, drop_identity: bool) -> None:
 
 
 @pytest.mark.parametrize("record", ["with-start-time", "old-record-without-start-time"])
+@pytest.mark.slow
 def test_a_reused_pid_is_neither_running_nor_signalled(env, finished, stranger, record):
     """The finished run's job id (its controller's PID) now names an unrelated live process."""
     run_json = (env["runs"] / finished / "run.json").read_text()
@@ -97,6 +99,7 @@ def test_a_reused_pid_is_neither_running_nor_signalled(env, finished, stranger, 
         (env["runs"] / finished / "run.json").write_text(run_json)
 
 
+@pytest.mark.slow
 def test_a_failed_eval_job_shows_in_status(env, finished):
     run = env["runs"] / finished
     truncated = run / "cut.pth"
@@ -120,6 +123,7 @@ def test_a_failed_eval_job_shows_in_status(env, finished):
     assert "eval jobs of" in detail and "FAILED" in detail and "cut.pth" in detail
 
 
+@pytest.mark.slow
 def test_cancel_stops_training_and_eval_jobs_and_says_which(env, digits, tmp_path):
     # the run goes where its profile's runs_root says, and every command finds it there
     root = tmp_path / "elsewhere"
@@ -160,6 +164,7 @@ def test_cancel_stops_training_and_eval_jobs_and_says_which(env, digits, tmp_pat
     assert json.loads(tla(e, "status", "long", "--json", check=True).stdout)[0]["state"] == "CANCELLED"
 
 
+@pytest.mark.slow
 def test_cancel_sweep_stops_every_run_of_it(env, digits):
     out = tla(env, "submit", "sweep", "--name", "sw", "--arms", "tla,none", *FAST, "--data-path", digits,
               "--epochs", "30", "--step-delay", "0.1", "--json", check=True).stdout
@@ -212,6 +217,7 @@ except Exception as exc:
 
 
 @pytest.mark.parametrize("seconds,limited", [(60.0, True), (3000.0, False)], ids=["preempted", "timed-out"])
+@pytest.mark.slow
 def test_a_job_refuses_to_start_past_max_requeue_preempt(tmp_path, seconds, limited):
     """SLURM requeued job 4242 twice (two attempts that ended on SIGTERM); with max_requeue_preempt 1
     the third attempt refuses to train. Attempts that ran to their time limit do not count."""

@@ -11,6 +11,8 @@ import sys
 import pytest
 from conftest import FAST, ROOT
 
+pytestmark = pytest.mark.slow  # trains real models: `make test`, not `make test-fast`
+
 
 @pytest.mark.slow
 def test_the_installed_package_alone_lists_profiles_and_trains_a_first_run(tmp_path, digits):

@@ -19,6 +19,8 @@ from tla_jobs.errors import TlaError
 from tla_jobs.train import checkpoint as ckpt
 from tla_jobs.train.curves import EPOCH_TAGS
 
+pytestmark = pytest.mark.slow  # trains real models: `make test`, not `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def run(shared_dir, digits) -> Path:

@@ -65,6 +65,7 @@ def names(env, *args) -> list[str]:
 # --------------------------------------------------------------------------- the table's limit, --all
 
 
+@pytest.mark.slow
 def test_table_shows_the_most_recent_runs_and_says_how_many_more(tmp_path):
     env = runs_env(tmp_path / "runs")
     for i in range(53):  # run52 is the most recent
@@ -94,6 +95,7 @@ def world(tmp_path):
     return env
 
 
+@pytest.mark.slow
 def test_since_and_state_filter(world):
     env = world
     assert names(env) == ["fresh", "broke", "older"]
@@ -133,6 +135,7 @@ def _mark_cache(run: Path) -> None:
     (run / rundir.STATUS_CACHE).write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.slow
 def test_finished_run_s_status_is_cached_until_one_of_its_files_changes(tmp_path):
     env = runs_env(tmp_path / "runs")
     run = make_run(env["runs"], "done", ago=7200)

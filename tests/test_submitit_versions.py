@@ -110,6 +110,7 @@ print(submitit.__version__, job.job_id, sleeper.job_id, job.result(), probe.resu
 """
 
 
+@pytest.mark.slow
 def test_the_detached_local_executor_runs_jobs_in_their_own_session(versions, tmp_path):
     for version in versions:
         start = time.monotonic()

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import FAST, tla, wait_for
 
 from tla_jobs.jobs import sbatch
 from tla_jobs.jobs.profiles import Profile
 
 
+@pytest.mark.slow
 def test_a_local_sweep_trains_at_most_n_runs_at_once(tmp_path, digits):
     env = {"TLA_RUNS": str(tmp_path / "runs"), "runs": tmp_path / "runs"}
     out = tla(env, "submit", "sweep", "--name", "turns", "--arms", "tla,grid,none", *FAST, "--data-path", digits,

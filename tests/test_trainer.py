@@ -21,6 +21,8 @@ from conftest import FAST, TLA, assert_clean_error, run_tla
 from tla_jobs.config import TrainConfig
 from tla_jobs.train import checkpoint as ckpt
 
+pytestmark = pytest.mark.slow  # trains real models: `make test`, not `make test-fast`
+
 TIMING = {"images_per_s", "images_per_s_per_device", "images_per_s_steady", "tflops_per_device", "mfu", "epoch_s",
           "time"}
 

@@ -22,6 +22,8 @@ from tla_jobs.config import TrainConfig
 from tla_jobs.data.device import DeviceTransform
 from tla_jobs.train import checkpoint as ckpt
 
+pytestmark = pytest.mark.slow  # trains real models: `make test`, not `make test-fast`
+
 # Calls that make the host wait for a GPU when their tensor lives there.
 SYNCS = ("item", "__bool__", "tolist", "cpu", "numpy", "__float__", "__int__")
 HOST_SIDE = (f"{os.sep}tla_jobs{os.sep}data{os.sep}", f"{os.sep}align{os.sep}cutmix.py")
