@@ -18,13 +18,14 @@ from tla_jobs.train import checkpoint as ckpt
 from tla_jobs.train.export import export, load_line, read_metadata
 from tla_jobs.train.models import build_model
 
+pytestmark = pytest.mark.slow  # trains real models: `make test`, not `make test-fast`
+
 # Runs in a fresh interpreter: builds the model from the export's own metadata with timm alone and
 # prints its logits on a fixed input. tla_jobs must not even be importable by accident.
 PLAIN_TIMM = """
 import json, sys
 import timm, torch
 
-pytestmark = pytest.mark.slow  # trains real models: `make test`, not `make test-fast`
 path, fmt = sys.argv[1], sys.argv[2]
 if fmt == "safetensors":
     from safetensors import safe_open
