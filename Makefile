@@ -86,4 +86,3 @@ demo: $(STAMP)
 	  --aa none --reprob 0 --crop-scale 0.5 --drop-path 0 --checkpoint-every-min 1 --follow
 	@$(TLA) status
 	@$(TLA) report $(DEMO_RUN) --plot runs/$(DEMO_RUN)/accuracy.png
-	@echo "accuracy plot: $$(pwd)/runs/$(DEMO_RUN)/accuracy.png"
