@@ -332,10 +332,6 @@ def test_a_dead_rank_fails_a_two_node_job_at_once(env, digits):
     assert _pid_of_rank(job, 0) is None  # nothing of the job is left waiting
 
 
-def _squeue_state(job: str) -> str:
-    return sh("squeue", "-h", "-o", "%T", "-j", job, check=False).stdout.strip()
-
-
 def test_status_says_waiting_for_ranks(env, tmp_path):
     """Rank 0's heartbeat while the process group forms: status says so (a real running job, a real
     run directory)."""
@@ -343,9 +339,8 @@ def test_status_says_waiting_for_ranks(env, tmp_path):
     try:
         # Other tests of the session may hold both nodes for minutes: wait for SLURM to start the job
         # before the heartbeat is written, so the heartbeat is fresh when status reads it.
-        deadline = time.time() + 600
-        while time.time() < deadline and _squeue_state(job) != "RUNNING":
-            time.sleep(1)
+        wait_for(lambda: sh("squeue", "-h", "-o", "%T", "-j", job, check=False).stdout.strip() == "RUNNING", 600,
+                 every=1, what=f"SLURM to start job {job}")
         run = env["runs"] / "waiting"
         run.mkdir(parents=True)
         now = time.time()
