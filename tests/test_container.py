@@ -357,7 +357,8 @@ def test_training_inside_the_container_is_evaluated_outside(built_image, digits,
 @pytest.mark.slurm
 @pytest.mark.container
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["usr2-to-batch-shell", "preemption"])
+@pytest.mark.parametrize("how", ["usr2-to-batch-shell",
+                                 pytest.param("preemption", marks=pytest.mark.slurm_exclusive)])  # every CPU of n1
 def test_slurm_podman_step_is_requeued_by_the_host_shell_and_resumes(built_image, digits, tmp_path, how):
     """The job's step runs in podman (no scontrol in there).
 
@@ -369,11 +370,12 @@ def test_slurm_podman_step_is_requeued_by_the_host_shell_and_resumes(built_image
     checkpoints and stops (exit 75, it is told the host requeues), and the host shell requeues within
     the partition's GraceTime."""
     sh("bash", CLUSTER, "up", timeout=900)
-    # a preemption takes the scheduler a few seconds: the run must still be training by then
-    steps = "16" if how == "usr2-to-batch-shell" else "45"
+    # the run (one epoch: 45 steps) must still be training when the preemption lands: the scheduler can
+    # take 15 s or more to start it (seen: at 0.3 s a step, 12 s from step 3 to the end, unpreempted)
+    steps, delay = ("16", "0.3") if how == "usr2-to-batch-shell" else ("45", "0.8")
     env = runs_env(tmp_path / "runs", **PODMAN_ENV, **cluster_env())
     out = tla(env, "submit", "train", "--name", "pod", "--cluster", "podman-e2e", *FAST, "--data-path", digits,
-              "--epochs", "1", "--max-steps", steps, "--step-delay", "0.3", "--checkpoint-every-min", "0",
+              "--epochs", "1", "--max-steps", steps, "--step-delay", delay, "--checkpoint-every-min", "0",
               "--json", cwd=ROOT, check=True).stdout
     job = json.loads(out)["job_id"]
     run = env["runs"] / "pod"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import CLUSTER, cluster_env
+from conftest import CLUSTER, cluster_env, cluster_up
 
 pytestmark = pytest.mark.slurm
 
@@ -82,23 +82,26 @@ class Cluster:
                 raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.diagnostics()}")
             time.sleep(interval)
 
-    def wait_state(self, job: str, states: set[str], timeout: float = 30) -> tuple[str, str]:
+    # bounds generous enough for a job that waits for CPUs another test's job holds (the tests that
+    # share the cluster run two at a time: tests/conftest.py)
+    def wait_state(self, job: str, states: set[str], timeout: float = 120) -> tuple[str, str]:
         def done():
             rows = self.sacct(job)
             return rows[-1] if rows and rows[-1][0] in states else None
 
         return self.wait_for(f"job {job} to reach {states} in sacct", done, timeout)
 
-    def wait_running(self, job: str, timeout: float = 60) -> None:
+    def wait_running(self, job: str, timeout: float = 120) -> None:
         self.wait_for(f"job {job} RUNNING", lambda: self.job_field(job, "JobState") == "RUNNING", timeout)
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    proc = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
+def cluster(shared_dir) -> Iterator[Cluster]:
+    try:
+        cluster_up(shared_dir)
+    except AssertionError as e:
         logs = subprocess.run(["bash", str(CLUSTER), "logs"], capture_output=True, text=True).stdout
-        pytest.fail(f"cluster.sh up failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}\n{logs}")
+        pytest.fail(f"cluster.sh up failed: {e}\n{logs}")
     c = Cluster(env=_clean_env(cluster_env().get("SLURM_CONF")))
     yield c
     if c.jobs:
@@ -116,11 +119,9 @@ def _marker_lines(path: Path) -> list[str]:
 
 
 def test_trivial_job_completes_in_sacct(cluster: Cluster, tmp_path: Path):
-    t0 = time.monotonic()
     job = cluster.sbatch(tmp_path, "--wrap", "echo hello from $SLURMD_NODENAME")
     state, exit_code = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
     assert (state, exit_code) == ("COMPLETED", "0:0")
-    assert time.monotonic() - t0 < 30
     out = (tmp_path / f"{job}.out").read_text()
     assert re.search(r"hello from n[12]\b", out), out
 
@@ -151,11 +152,11 @@ trap 'echo TERM >> $M; exit 0' TERM
 while true; do sleep 0.2 & wait $!; done
 """
     job = cluster.sbatch(tmp_path, "-p", "debug", "-c", "1", _script(tmp_path / "loop.sh", body).as_posix())
-    cluster.wait_for("first start", lambda: "start 0" in _marker_lines(marker), 60)
+    cluster.wait_for("first start", lambda: "start 0" in _marker_lines(marker), 120)
     cluster.run("scontrol", "requeue", job)
     cluster.wait_for("SIGTERM in the batch shell", lambda: "TERM" in _marker_lines(marker), 15)
     # A requeued job waits ~AuthInfo cred_expire (10 s) before it may start again.
-    cluster.wait_for("second start", lambda: "start 1" in _marker_lines(marker), 45)
+    cluster.wait_for("second start", lambda: "start 1" in _marker_lines(marker), 120)
     assert cluster.job_field(job, "Restarts") == "1"
     assert cluster.job_field(job, "JobState") == "RUNNING"
     states = [s for s, _ in cluster.sacct(job, duplicates=True)]
@@ -182,6 +183,7 @@ def user_signal(cluster: Cluster, request) -> Iterator[bool]:
 
 # preempt_send_user_signal (USR2 to the tasks at preemption) is covered with a real trainer by
 # tests/test_slurm_e2e.py; switching the cluster's mode costs a restart of slurmctld and the slurmds.
+@pytest.mark.slurm_exclusive  # every CPU of n1
 @pytest.mark.parametrize("user_signal", [False], ids=["site-default"], indirect=True)
 def test_high_partition_preempts_and_requeues_low(cluster: Cluster, tmp_path: Path, user_signal: bool):
     marker = tmp_path / "marker"
@@ -248,6 +250,7 @@ def _resolves(host: str) -> bool:
     return subprocess.run(["getent", "hosts", host], capture_output=True).returncode == 0
 
 
+@pytest.mark.slurm_exclusive  # takes the cluster down
 def test_down_puts_etc_hosts_and_etc_slurm_back_as_found(cluster: Cluster):
     subprocess.run(["bash", str(CLUSTER), "down"], check=True, capture_output=True, timeout=300)
     original_hosts = Path("/etc/hosts").read_bytes()
@@ -288,7 +291,7 @@ srun bash -c 'exit 75'
 """
     job = cluster.sbatch(tmp_path, "-p", "debug", "-c", "1", "--requeue", _script(tmp_path / "hs.sh", body).as_posix())
     cluster.wait_for("two runs and a final state", lambda: _marker_lines(marker) == ["start 0", "start 1"] and
-                     cluster.sacct(job)[-1][0] in ("FAILED", "COMPLETED", "CANCELLED"), 90)
+                     cluster.sacct(job)[-1][0] in ("FAILED", "COMPLETED", "CANCELLED"), 180)
     states = [s for s, _ in cluster.sacct(job, duplicates=True)]
     assert states == ["REQUEUED", "FAILED"], states
     out = (tmp_path / f"{job}.out").read_text()
