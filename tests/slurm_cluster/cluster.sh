@@ -16,9 +16,6 @@
 #   ctld/ (StateSaveLocation), spool/n1 spool/n2, run/*.pid, log/*.log
 # Runs as root. See README.md next to this file.
 set -euo pipefail
-# The daemons (and so every job) at the default CPU priority, whatever the caller's: the test suite
-# runs its workers at nice 10 so that the cluster's jobs are not starved (tests/conftest.py).
-renice -n 0 -p $$ >/dev/null 2>&1 || true
 
 STATE=${TLA_SLURM_STATE:-/var/tmp/tla-slurm}
 CLUSTER=tla
