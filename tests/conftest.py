@@ -168,8 +168,16 @@ def tla(env: dict, *args, **kw) -> subprocess.CompletedProcess:
 
 
 def status(env: dict, run: str) -> dict:
-    """`tla status RUN --json`, the run's one entry."""
-    return json.loads(tla(env, "status", run, "--json", check=True).stdout)[0]
+    """The run's entry of `tla status RUN --json`, computed in this process by the library that command
+    calls (tla_jobs.jobs.state; without the status cache, so that nothing is written). The tests poll
+    it in their waits, hundreds of times a session: a `tla` process costs about half a CPU-second, and
+    on 2 cores those polls took CPU from the very jobs the tests waited on. The command itself, its
+    --json output and its exit codes are tested as subprocesses (test_cli, test_bad_inputs, ...)."""
+    from tla_jobs.jobs.state import collect
+
+    found = collect([Path(env["runs"]) / run])
+    assert found, f"no run {run!r} in {env['runs']}"
+    return json.loads(found[0].json_text())
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
