@@ -574,6 +574,27 @@ def test_trainer_refuses_bad_data_at_start_not_at_step_n(digits, tmp_path, spoil
     assert not (tmp_path / "out").exists()  # refused before the run directory was made
 
 
+def test_a_data_folder_removed_while_it_is_read_is_a_data_error(digits, tmp_path, monkeypatch):
+    """A job that starts as its data is being deleted (seen on the SLURM suite) finds a class folder gone
+    between listing and reading it: a DataError naming it, not a FileNotFoundError traceback. The
+    removal is made to happen at that moment: the first listing of val/9 deletes it just before."""
+    from tla_jobs.data import folders
+    from tla_jobs.errors import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(digits, data)
+    doomed, real_scandir = data / "val" / "9", os.scandir
+
+    def scandir(path):
+        if not isinstance(path, int) and Path(path) == doomed and doomed.exists():
+            shutil.rmtree(doomed)
+        return real_scandir(path)
+
+    monkeypatch.setattr(folders.os, "scandir", scandir)
+    with pytest.raises(DataError, match=f"{doomed} does not exist: the data folder changed while it was read"):
+        folders.check_image_folder(data, verify_images=False)
+
+
 # ------------------------------------------------------------------------ full and read-only disks
 
 

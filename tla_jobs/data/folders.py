@@ -45,6 +45,14 @@ class Split:
 def _scan(root: Path, name: str) -> Split:
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist (expected DATA/{name}/CLASS/*.jpg)")
+    try:
+        return _scan_classes(root)
+    except OSError as e:  # moved or removed while it was read (seen: a job starting as its data was deleted)
+        what = "does not exist" if isinstance(e, FileNotFoundError) else f"cannot be read ({e.strerror})"
+        raise DataError(f"{e.filename or root} {what}: the data folder changed while it was read") from None
+
+
+def _scan_classes(root: Path) -> Split:
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{root} has no class folders (expected {root}/CLASS/*.jpg)")
