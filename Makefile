@@ -21,12 +21,12 @@ $(STAMP): pyproject.toml constraints.txt
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tla_jobs tests benchmarks cli.py
 
-# Tests run on pytest-xdist workers (tests/conftest.py puts the SLURM tests in two groups that share the
-# one cluster, and the tests of the built image in another). On 2 cores: test-fast's tests are CPU-bound
-# but wait now and then (detached jobs, polling), so 3 workers; `make test` adds two workers that mostly
-# wait on the SLURM cluster: five, one of which builds the image first.
+# Tests run on pytest-xdist workers (tests/conftest.py puts the SLURM tests in one group, serial on one
+# worker, and the tests of the built image in another). On 2 cores: test-fast's tests are CPU-bound
+# but wait now and then (detached jobs, polling), so 3 workers; `make test` adds a worker that mostly
+# waits on the SLURM cluster, one that builds the image first, and two for the rest.
 FAST_WORKERS ?= 3
-TEST_WORKERS ?= 5
+TEST_WORKERS ?= 4
 XDIST = --dist loadgroup -n
 
 # test-fast: the quick loop while editing: no SLURM, no containers, no test marked `slow` (those that

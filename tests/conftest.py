@@ -1,10 +1,9 @@
 """Shared fixtures and helpers: the bundled digits dataset, `tla` as a real subprocess, the runs-root
 environment of a test, and how the suite is spread over pytest-xdist workers.
 
-Parallel runs (`make test`, `make test-fast` pass `-n N --dist loadgroup`): the tests that talk to
-the one SLURM cluster run in the groups "slurm" and "slurm-b" (two workers; two tests that only submit
-jobs share the cluster, one that preempts a partition, restarts daemons or kills a node has it to
-itself: see "sharing the one SLURM cluster"), the container tests that need the built image in the
+Parallel runs (`make test`, `make test-fast` pass `-n N --dist loadgroup`): every test that talks to
+the one SLURM cluster runs in the group "slurm" (one worker, one after the other: they preempt
+partitions, restart daemons and count nodes), the container tests that need the built image in the
 group "image" (one worker builds it once); every other test goes to whichever worker is free. What a
 session fixture makes for all workers (the digits dataset, the image) is made once, under a file
 lock, in the folder that the workers share.
@@ -62,65 +61,6 @@ def pytest_configure(config):
         os.environ[GROUPS_ENV] = config.groups_file = path
 
 
-# ------------------------------------------------------------------ sharing the one SLURM cluster
-#
-# Most SLURM tests only submit jobs to the debug partition (2 nodes x 4 CPUs, jobs of 1 CPU) and watch
-# their own runs: two of them can run side by side. A test marked `slurm_exclusive` has the cluster to
-# itself: it restarts or stops daemons, switches the preemption mode, kills a slurmd, or needs every CPU
-# of n1 for a preemption. Both kinds take one lock file of the session (shared or exclusive), through a
-# turnstile so that a waiting exclusive test is not starved by a stream of shared ones. The SLURM tests
-# wait far more than they compute: serial, they were the longest path of `make test` (19 of its
-# minutes, the last 3 alone on an idle machine).
-_cluster_lock_held = False
-
-
-class _ClusterLock:
-    def __init__(self, shared: Path, exclusive: bool):
-        self.paths = shared / "slurm-turnstile.lock", shared / "slurm-cluster.lock"
-        self.exclusive = exclusive
-
-    def __enter__(self):
-        import fcntl
-
-        global _cluster_lock_held
-        if _cluster_lock_held:  # this process has it already (an `up` inside a test)
-            self.files = ()
-            return self
-        self.files = tuple(open(p, "a") for p in self.paths)
-        turnstile, lock = self.files
-        fcntl.flock(turnstile, fcntl.LOCK_EX)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH)
-        finally:
-            fcntl.flock(turnstile, fcntl.LOCK_UN)
-        _cluster_lock_held = True
-        return self
-
-    def __exit__(self, *exc):
-        global _cluster_lock_held
-        if self.files:
-            for f in self.files:
-                f.close()  # closing releases the lock
-            _cluster_lock_held = False
-
-
-def cluster_up(shared: Path, *args: str) -> None:
-    """`cluster.sh up ARGS` (a no-op when it is up as asked), as a shared user of the cluster: never
-    while another worker's exclusive test has it in another mode."""
-    with _ClusterLock(shared, exclusive=False):
-        sh("bash", CLUSTER, "up", *args, timeout=900)
-
-
-@pytest.fixture(autouse=True)
-def _cluster_share(request):
-    if request.node.get_closest_marker("slurm") is None:
-        yield
-        return
-    exclusive = request.node.get_closest_marker("slurm_exclusive") is not None
-    with _ClusterLock(request.getfixturevalue("shared_dir"), exclusive):
-        yield
-
-
 def pytest_unconfigure(config):
     if getattr(config, "groups_file", None):
         Path(config.groups_file).unlink(missing_ok=True)
@@ -146,26 +86,23 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The tests that share one resource, in groups (see above; used only with --dist loadgroup).
+    """The tests that share one resource, in one group (see above; used only with --dist loadgroup).
 
-    slurm, slurm-b: the tests marked `slurm` (container ones included), on two workers. Both begin with
-    the tests that can share the cluster, half each, side by side; then "slurm" runs the exclusive ones
-    (which wait for the shared test running beside them, and make the next one wait). Those that also
-    need the built image go last, so that no SLURM worker sits waiting while "image" builds it.
-    image: the container tests that use the `built_image` fixture and no cluster."""
+    slurm: everything marked `slurm` (container ones included), serial on one worker; those that
+    also need the built image go last in that group, so that this worker (the longest) does not sit
+    waiting for the image while the "image" group builds it. image: the container tests that use
+    the `built_image` fixture and no cluster."""
     def needs_image(item) -> bool:
         return "built_image" in getattr(item, "fixturenames", ())
 
-    cluster = [i for i in items if i.get_closest_marker("slurm")]
-    exclusive = [i for i in cluster if i.get_closest_marker("slurm_exclusive")]
-    shared = [i for i in cluster if i not in exclusive]
-    groups = {i.nodeid: "image" for i in items if needs_image(i) and i not in cluster}
-    groups.update({i.nodeid: "slurm" if n % 2 == 0 else "slurm-b" for n, i in enumerate(shared)})
-    groups.update({i.nodeid: "slurm" for i in exclusive})
-    order = shared + exclusive
-    order = [i for i in order if not needs_image(i)] + [i for i in order if needs_image(i)]
-    rest = [i for i in items if i not in cluster]
-    items[:] = rest + order
+    groups = {}
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            groups[item.nodeid] = "slurm"
+        elif needs_image(item):
+            groups[item.nodeid] = "image"
+    late = [i for i in items if i.get_closest_marker("slurm") and needs_image(i)]
+    items[:] = [i for i in items if i not in late] + late
     if hasattr(config, "workerinput") and os.environ.get(GROUPS_ENV):
         path = Path(os.environ[GROUPS_ENV])
         tmp = path.with_name(f"{path.name}.{os.getpid()}")

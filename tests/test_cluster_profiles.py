@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAST, assert_clean_error, cluster_env, cluster_up, sh, status, tla, wait_for
+from conftest import CLUSTER, FAST, assert_clean_error, cluster_env, sh, status, tla, wait_for
 
 from tla_jobs.jobs import cluster_init as ci
 from tla_jobs.jobs import profiles
@@ -201,8 +201,8 @@ def test_every_example_filled_for_a_gpu_partition_validates(source):
 
 
 @pytest.fixture(scope="module")
-def cluster(shared_dir):
-    cluster_up(shared_dir)
+def cluster():
+    sh("bash", CLUSTER, "up", timeout=900)
     yield
     # left up for the next module; `make test` brings it down at the end
 

@@ -357,8 +357,7 @@ def test_training_inside_the_container_is_evaluated_outside(built_image, digits,
 @pytest.mark.slurm
 @pytest.mark.container
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["usr2-to-batch-shell",
-                                 pytest.param("preemption", marks=pytest.mark.slurm_exclusive)])  # every CPU of n1
+@pytest.mark.parametrize("how", ["usr2-to-batch-shell", "preemption"])
 def test_slurm_podman_step_is_requeued_by_the_host_shell_and_resumes(built_image, digits, tmp_path, how):
     """The job's step runs in podman (no scontrol in there).
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import CLUSTER, cluster_env, cluster_up
+from conftest import CLUSTER, cluster_env
 
 pytestmark = pytest.mark.slurm
 
@@ -82,8 +82,7 @@ class Cluster:
                 raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.diagnostics()}")
             time.sleep(interval)
 
-    # bounds generous enough for a job that waits for CPUs another test's job holds (the tests that
-    # share the cluster run two at a time: tests/conftest.py)
+    # bounds generous enough for a job that waits for CPUs an earlier test's job still holds
     def wait_state(self, job: str, states: set[str], timeout: float = 120) -> tuple[str, str]:
         def done():
             rows = self.sacct(job)
@@ -96,12 +95,11 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(shared_dir) -> Iterator[Cluster]:
-    try:
-        cluster_up(shared_dir)
-    except AssertionError as e:
+def cluster() -> Iterator[Cluster]:
+    proc = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
         logs = subprocess.run(["bash", str(CLUSTER), "logs"], capture_output=True, text=True).stdout
-        pytest.fail(f"cluster.sh up failed: {e}\n{logs}")
+        pytest.fail(f"cluster.sh up failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}\n{logs}")
     c = Cluster(env=_clean_env(cluster_env().get("SLURM_CONF")))
     yield c
     if c.jobs:
@@ -183,7 +181,6 @@ def user_signal(cluster: Cluster, request) -> Iterator[bool]:
 
 # preempt_send_user_signal (USR2 to the tasks at preemption) is covered with a real trainer by
 # tests/test_slurm_e2e.py; switching the cluster's mode costs a restart of slurmctld and the slurmds.
-@pytest.mark.slurm_exclusive  # every CPU of n1
 @pytest.mark.parametrize("user_signal", [False], ids=["site-default"], indirect=True)
 def test_high_partition_preempts_and_requeues_low(cluster: Cluster, tmp_path: Path, user_signal: bool):
     marker = tmp_path / "marker"
@@ -250,7 +247,6 @@ def _resolves(host: str) -> bool:
     return subprocess.run(["getent", "hosts", host], capture_output=True).returncode == 0
 
 
-@pytest.mark.slurm_exclusive  # takes the cluster down
 def test_down_puts_etc_hosts_and_etc_slurm_back_as_found(cluster: Cluster):
     subprocess.run(["bash", str(CLUSTER), "down"], check=True, capture_output=True, timeout=300)
     original_hosts = Path("/etc/hosts").read_bytes()
