@@ -172,7 +172,13 @@ def test_finished_run_s_status_is_cached_until_one_of_its_files_changes(tmp_path
 
 def test_no_cache_for_files_changed_moments_ago_nor_for_a_damaged_run(tmp_path):
     env = runs_env(tmp_path / "runs")
-    fresh = make_run(env["runs"], "fresh", ago=1, settle=False)  # its files were written just now
+    fresh = make_run(env["runs"], "fresh", ago=1, settle=False)
+    # its files changed as `tla status` reads them: dated a minute ahead (as a client with a fast clock
+    # writes them on a shared filesystem), so that a slow start of the command on a loaded machine
+    # cannot make them look settled (written "just now" and read 3 s later, they were cached)
+    soon = time.time() + 60
+    for f in fresh.iterdir():
+        os.utime(f, (soon, soon))
     damaged = make_run(env["runs"], "damaged", ago=7200)
     (damaged / rundir.HEARTBEAT).write_text('{"phase": "finished", "time": ')
     os.utime(damaged / rundir.HEARTBEAT, (time.time() - 7200, time.time() - 7200))  # only its damage is new
