@@ -273,6 +273,9 @@ def built_image(standin_base):
                       check=False)
         if have.returncode == 0 and have.stdout.strip() == digest:
             return TAG
+        # The image this build replaces: untagged by the build, removed after it (its layers shared
+        # with the new one stay), so that repeated test sessions do not fill the disk with 6 GB images.
+        old = podman("image", "inspect", "--format", "{{.Id}}", TAG, check=False).stdout.strip()
         args = ["image", "build", "--engine", "podman", "--base", standin_base, "--tag", TAG]
         if HOST_CA.is_file():  # pip's index is behind a proxy with its own CA here: a build secret, not a layer
             args += ["--ca-bundle", HOST_CA]
@@ -280,6 +283,8 @@ def built_image(standin_base):
                        env=PODMAN_ENV, cwd=ROOT, timeout=1800)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
         assert proc.stdout.strip().endswith(f"built {TAG}")
+        if old and podman("image", "inspect", "--format", "{{.Id}}", TAG).stdout.strip() != old:
+            podman("rmi", old, check=False)  # refused (and left) while a container still uses it
     return TAG
 
 
