@@ -47,6 +47,11 @@ def test_config_file_with_command_line_overrides_and_a_run_repeated_from_its_con
     assert again == first
     proc = tla(world, "train", "--config", world["root"] / "nope.yaml")
     assert_clean_error(proc, "does not exist")
+    # a run's own config.yaml without --output-dir would continue that run, not repeat it
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in world["plain"].iterdir())
+    proc = tla(world, "train", "--config", world["plain"] / "config.yaml", "--epochs", "2")
+    assert_clean_error(proc, "add --output-dir NEW to repeat that run")
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in world["plain"].iterdir()) == before
 
 
 @pytest.mark.parametrize("which, name, fmt", [(None, "checkpoint_best.pth", "safetensors"),
@@ -121,6 +126,7 @@ def test_eval_which_keeps_every_eval_with_its_checkpoint(world, tmp_path):
     for which in ("best", "epoch:1", "ema", "export"):
         assert f" {which} " in text
     assert evals["epoch:1"]["sha256"][:12] in text and f"{evals['best']['acc1']:.2f}" in text
+    assert f"EMA weights: best_acc1 {max(m['ema_acc1'] for m in metrics):.2f}" in text
     (row,) = json.loads(tla(world, "report", "ema", "--format", "json", check=True).stdout)
     assert row["epochs"] == 2 and row["epochs_done"] == 2 and row["seed"] == 0
     assert row["global_batch"] == 32 and row["lr"] == pytest.approx(1.5e-3) and row["mixing"] == "tl-align"
@@ -128,6 +134,10 @@ def test_eval_which_keeps_every_eval_with_its_checkpoint(world, tmp_path):
     assert row["eval_epoch"] == newest["epoch"] and row["eval_acc1"] == pytest.approx(newest["acc1"])
     csv = tla(world, "report", "ema", "--format", "csv", check=True).stdout.splitlines()
     assert dict(zip(csv[0].split(","), csv[1].split(",")))["epochs"] == "2"
+    # DeiT reports the EMA weights' accuracy beside the model's
+    assert row["best_ema_acc1"] == pytest.approx(max(m["ema_acc1"] for m in metrics))
+    assert row["last_ema_acc1"] == pytest.approx(metrics[-1]["ema_acc1"])
+    assert "best_ema_acc1" in tla(world, "report", "ema", "--format", "md", check=True).stdout
 
 
 def test_eval_refusals(world, tmp_path):

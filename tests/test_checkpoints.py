@@ -8,16 +8,19 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from conftest import run_tla
+from conftest import assert_clean_error, run_tla
 from helpers_runs import EPOCHS, RECIPE, trained_run
 
 from tla_jobs import checkpoint_files as checkpoints
 from tla_jobs import rundir
+from tla_jobs.config import TrainConfig
 from tla_jobs.errors import TlaError
 from tla_jobs.train import checkpoint as ckpt
+from tla_jobs.train.runlog import RunLog
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -111,7 +114,75 @@ def test_prune_dry_run_changes_nothing(copy):
     left = {p.name for p in copy.iterdir()}
     assert {ckpt.LAST, ckpt.PREV, ckpt.BEST, periodic[-1]} <= left
     assert not any(r["name"] in left or f"{r['name']}.sha256" in left for r in res["removed"])
-    assert checkpoints.prune(copy, keep_last=0)["removed"] == []  # 0 keeps them all
+    assert checkpoints.prune(copy, keep_last=0)["removed"] == []  # no policy: nothing goes
+
+
+def periodic_of(folder: Path) -> list[Path]:
+    return sorted(folder.glob("checkpoint_epoch*.pth"), key=lambda p: checkpoints.epoch_number(p.name))
+
+
+def test_keep_best_alone_keeps_the_k_best_periodic_ones(copy):
+    acc = {r["name"]: r["acc1"] for r in checkpoints.list_checkpoints(copy) if r["which"] == "epoch"}
+    best = max(acc, key=lambda n: (acc[n], checkpoints.epoch_number(n)))
+    res = checkpoints.prune(copy, keep_last=0, keep_best=1)
+    assert [p.name for p in periodic_of(copy)] == [best]
+    assert {r["name"] for r in res["removed"]} == set(acc) - {best}
+    assert {ckpt.LAST, ckpt.PREV, ckpt.BEST} <= {p.name for p in copy.iterdir()}
+
+
+def test_prune_keeps_what_a_waiting_eval_job_will_read(copy):
+    """`tla eval checkpoint --which epoch:N` may wait in the queue (or for the training job) for
+    days: pruning, by hand or by the trainer's --keep-last, leaves its file until it has reported."""
+    oldest = periodic_of(copy)[0]
+    evals = [{"eval_id": "eval-1", "checkpoint": str(oldest), "submitted": time.time()},
+             {"eval_id": "eval-0", "checkpoint": str(oldest), "submitted": time.time() - 8 * 86400}]  # never reported
+    (copy / rundir.RUN_JSON).write_text(json.dumps({"evals": evals}))
+    proc = run_tla("checkpoints", "prune", copy, "--keep-last", "1", check=True)
+    assert f"kept {oldest.name}: eval eval-1 has yet to read it" in proc.stdout
+    assert oldest.exists() and checkpoints.sidecar(oldest).exists() and len(periodic_of(copy)) == 2
+    result = rundir.eval_dir(copy, "eval-1") / rundir.EVAL
+    result.parent.mkdir(parents=True)
+    result.write_text("{}")  # it has read the file and reported
+    assert [r["name"] for r in checkpoints.prune(copy, keep_last=1)["removed"]] == [oldest.name]
+    assert not oldest.exists()
+
+
+def test_prune_says_what_to_keep(copy):
+    before = snapshot(copy)
+    assert_clean_error(run_tla("checkpoints", "prune", copy), "--keep-last N and/or --keep-best K")
+    assert snapshot(copy) == before
+
+
+@pytest.mark.slow
+def test_a_job_requeued_by_slurm_continues_from_its_own_checkpoints_not_from_its_resume(run, tmp_path, digits):
+    """A job submitted with --resume X (a fine-tune, a run branched from another) that SLURM requeues
+    by itself (node failure, `scontrol requeue`) runs again with the same --resume X: it must go on
+    from its own progress, not start over from X (which may since have been pruned from its run).
+    The job's identity is the local executor's here (SUBMITIT_LOCAL_JOB_ID), as SLURM_JOB_ID there."""
+    start_from, out = periodic_of(run)[0], tmp_path / "branch"
+    base = [a for a in RECIPE if a not in ("--epochs", str(EPOCHS))]
+    env = {"SUBMITIT_LOCAL_JOB_ID": "4242"}
+    for epochs in (EPOCHS + 1, EPOCHS + 2):  # the first attempt, then the requeued one (one epoch more)
+        run_tla("train", *base, "--epochs", epochs, "--data-path", digits, "--resume", start_from, "--output-dir",
+                out, env=env, check=True, timeout=600)
+    first, again = (r for r in rows_of(out / rundir.ATTEMPTS) if r["event"] == "start")
+    assert first["resumed_from"]["path"] == str(start_from) and first["job_id"] == again["job_id"] == "4242"
+    assert again["resumed_from"]["path"] == str(out / ckpt.LAST) and again["resumed_from"]["epoch"] == EPOCHS + 1
+    # the history carried over from the run it branched from, then each of its own epochs once
+    assert [r["epoch"] for r in rows_of(out / rundir.METRICS)] == list(range(EPOCHS + 2))
+
+
+def test_config_yaml_keeps_the_resume_the_run_began_from(tmp_path):
+    """Attempts after the first continue from the run's own checkpoints (resume ""); the config a
+    repeat starts from keeps the first attempt's --resume."""
+    log = RunLog(tmp_path, is_main=True, world_size=1, epochs=1)
+    log.take_ownership()
+    log.config(TrainConfig(resume="/pretrained/deit.pth", output_dir=str(tmp_path)))
+    log.config(TrainConfig(resume="", output_dir=str(tmp_path), epochs=7))
+    from tla_jobs.config import load_config_file
+
+    assert load_config_file(tmp_path / rundir.CONFIG_YAML) | {} == {
+        **TrainConfig(resume="/pretrained/deit.pth", output_dir=str(tmp_path), epochs=7).model_dump()}
 
 
 @pytest.mark.slow

@@ -49,11 +49,11 @@ def test_timm_and_deit_spellings_of_recipe_flags_set_the_same_fields(command):
     theirs = _parse(command, [*base, "--mixup-mode", "elem", "--input-size", "48", "-b", "16", "--data-set", "digits",
                               "--num_workers", "3", "--train-interpolation", "bilinear", "--checkpoint-hist", "2"])
     ours = _parse(command, [*base, "--mix-mode", "elem", "--img-size", "48", "--batch-size", "16", "--dataset",
-                            "digits", "--workers", "3", "--interpolation", "bilinear", "--keep-last", "2"])
-    fields = ("mix_mode", "img_size", "batch_size", "dataset", "workers", "interpolation", "keep_last")
+                            "digits", "--workers", "3", "--interpolation", "bilinear", "--keep-best", "2"])
+    fields = ("mix_mode", "img_size", "batch_size", "dataset", "workers", "interpolation", "keep_best")
     assert {k: theirs[k] for k in fields} == {k: ours[k] for k in fields} == {
         "mix_mode": "elem", "img_size": 48, "batch_size": 16, "dataset": "digits", "workers": 3,
-        "interpolation": "bilinear", "keep_last": 2}
+        "interpolation": "bilinear", "keep_best": 2}  # timm's --checkpoint-hist keeps the N best
     assert _parse("tla train", ["--eval"])["eval_only"] is True
 
 
@@ -97,7 +97,7 @@ def test_shell_completion_script_and_completions():
 
 
 def test_every_command_that_prints_a_table_has_json_output():
-    tables = ["tla status", "tla report", "tla checkpoints", "tla checkpoints prune", "tla cluster list",
+    tables = ["tla status", "tla report", "tla checkpoints list", "tla checkpoints prune", "tla cluster list",
               "tla cluster check"]
     for name in tables:
         flags = {opt for p in COMMANDS[name].params for opt in getattr(p, "opts", [])}

@@ -304,15 +304,17 @@ def test_image_labels_version_user_and_base_torch(built_image):
     # the rest from one container (each start costs seconds): a program as first argument runs as
     # is, which is how the podman runtime starts submitit's step
     probe = (
-        "import json, os, shutil, torch, torchvision, typer\n"
+        "import importlib.util, json, os, shutil, torch, torchvision, typer\n"
         "from tla_jobs.cli import app\n"
         "names = typer.main.get_command(app).commands\n"
         "print(json.dumps({'uid': os.getuid(), 'env': [os.environ.get('TLA_IMAGE_VERSION'),"
         " os.environ.get('TLA_IMAGE_REVISION')], 'torch': [torch.__version__, torchvision.__version__],"
         " 'pins': open('/opt/tla/base-constraints.txt').read().split(), 'scontrol': shutil.which('scontrol'),"
-        " 'secret': os.path.exists('/run/secrets/pip_cert'), 'shadowed': [n for n in names if shutil.which(n)]}))"
+        " 'secret': os.path.exists('/run/secrets/pip_cert'), 'shadowed': [n for n in names if shutil.which(n)],"
+        " 'tensorboard': importlib.util.find_spec('tensorboard') is not None}))"
     )
     inside = json.loads(podman("run", "--rm", built_image, "python", "-c", probe).stdout)
+    assert inside["tensorboard"]  # the "tb" extra: runs in the image write TensorBoard curves
     assert inside["shadowed"] == []  # no tla command has the name of a program, which the entrypoint would run
     assert inside["env"] == [__version__, labels["org.opencontainers.image.revision"]]
     # non-root by default

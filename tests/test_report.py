@@ -72,6 +72,7 @@ def test_by_arm_markdown_and_plot(runs, tmp_path):
     proc = run_tla("report", "--sweep", "abl", "--by-arm", "--format", "md", "--plot", plot, env=runs, check=True)
     assert "73.00 ± 2.00" in proc.stdout  # tla: 71, 73, 75
     assert "other" not in proc.stdout
+    assert "ema" not in proc.stdout  # no run has EMA weights: no empty EMA columns for people (JSON keeps them)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
 
 
@@ -149,6 +150,7 @@ def test_json_and_csv_give_numbers_the_run_s_recipe_and_the_checkpoint_evaluated
     assert other["lr"] == pytest.approx(5e-4 * 256 / 512)  # none given: the trainer's default for the global batch
     assert (row["eval_which"], row["eval_epoch"], row["eval_acc1"]) == ("epoch:2 ema", 2, 72.5)
     assert other["eval_which"] is None and other["eval_epoch"] is None
+    assert row["best_ema_acc1"] is None and row["last_ema_acc1"] is None  # trained without --model-ema
     lines = run_tla("report", "abl-tla-s1", "--format", "csv", env=runs, check=True).stdout.splitlines()
     csv = dict(zip(lines[0].split(","), lines[1].split(",")))
     assert csv["epochs"] == "3" and csv["epochs_done"] == "3" and csv["global_batch"] == "256"

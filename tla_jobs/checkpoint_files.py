@@ -181,10 +181,11 @@ def select(run_dir: str | Path, choice: str) -> tuple[Path, str]:
 def to_remove(rows: list[dict], keep_last: int, keep_best: int = 0) -> list[dict]:
     """Which periodic checkpoints a keep-last/keep-best policy drops (the listing's rows).
 
-    keep_last: the newest N checkpoint_epoch files stay; 0 keeps them all (no pruning at all).
-    keep_best: the K of them with the highest top-1 (as logged) stay as well."""
+    keep_last: the newest N checkpoint_epoch files stay; keep_best: the K of them with the highest
+    top-1 (as logged) stay as well (timm's --checkpoint-hist, Lightning's save_top_k). Either one
+    alone is a policy; both 0 is none (nothing goes)."""
     periodic = sorted((r for r in rows if r["which"] == "epoch"), key=lambda r: r["epoch"], reverse=True)
-    if keep_last <= 0:
+    if keep_last <= 0 and keep_best <= 0:
         return []
     keep = {r["name"] for r in periodic[:keep_last]}
     scored = sorted((r for r in periodic if r["acc1"] is not None), key=lambda r: (-r["acc1"], -r["epoch"]))
@@ -192,20 +193,49 @@ def to_remove(rows: list[dict], keep_last: int, keep_best: int = 0) -> list[dict
     return [r for r in periodic if r["name"] not in keep]
 
 
+def pinned_by_evals(run_dir: Path, max_age_s: float = 7 * 86400) -> dict[str, str]:
+    """Checkpoints of the run that a submitted eval job (`tla eval checkpoint --which epoch:N`, which
+    may wait in the queue, or for the training job, for days) has yet to read: {file name: eval id}.
+    An eval is waiting until its eval.json exists; one submitted over ``max_age_s`` ago that never
+    reported (cancelled, failed) no longer pins its file."""
+    import json
+    import time
+
+    try:
+        record = json.loads((run_dir / rundir.RUN_JSON).read_text())
+        evals = list(record.get("evals") or [])
+    except (OSError, ValueError, AttributeError):  # no run.json (a `tla train` folder) or a damaged one
+        return {}
+    now, out = time.time(), {}
+    for e in evals:
+        if not isinstance(e, dict) or not e.get("checkpoint") or not e.get("eval_id"):
+            continue
+        path = Path(e["checkpoint"])
+        if path.parent != run_dir and path.parent.resolve() != run_dir.resolve():
+            continue
+        if now - float(e.get("submitted") or 0) > max_age_s:
+            continue
+        if not (rundir.eval_dir(run_dir, str(e["eval_id"])) / rundir.EVAL).exists():
+            out[path.name] = str(e["eval_id"])
+    return out
+
+
 def prune(run_dir: str | Path, keep_last: int, keep_best: int = 0, dry_run: bool = False,
           trust_last: bool = False) -> dict:
     """Remove the periodic checkpoints (and their sidecars) that the policy drops; ``dry_run``
-    removes nothing. Never removes last, prev, best, nor :func:`resume_target` (whose search reads
-    checkpoint_last whole unless ``trust_last``: the trainer has just written it).
+    removes nothing. Never removes last, prev, best, :func:`resume_target` (whose search reads
+    checkpoint_last whole unless ``trust_last``: the trainer has just written it), nor a file an
+    eval job has yet to read (:func:`pinned_by_evals`).
 
     Returns {"run", "dry_run", "removed": [listing rows], "kept": [listing rows], "bytes": freed,
-    "resume": name of the checkpoint a new attempt would resume from; None when nothing was to go}."""
+    "resume": name of the checkpoint a new attempt would resume from (None when nothing was to go),
+    "pinned": {name: eval id} of the files kept for a waiting eval}."""
     run_dir = Path(run_dir)
     rows = list_checkpoints(run_dir)
     drop = to_remove(rows, keep_last, keep_best)
     resume = resume_target(run_dir, trust_last) if drop else None
-    if resume is not None:
-        drop = [r for r in drop if r["name"] != resume.name]
+    pinned = pinned_by_evals(run_dir) if drop else {}
+    drop = [r for r in drop if r["name"] not in pinned and (resume is None or r["name"] != resume.name)]
     if not dry_run:
         for r in drop:
             for p in (Path(r["path"]), sidecar(Path(r["path"]))):  # data first: a lone sidecar is harmless
@@ -216,4 +246,5 @@ def prune(run_dir: str | Path, keep_last: int, keep_best: int = 0, dry_run: bool
     names = {r["name"] for r in drop}
     return {"run": run_dir.name, "dry_run": dry_run, "removed": drop,
             "kept": [r for r in rows if r["name"] not in names], "bytes": sum(r["bytes"] for r in drop),
-            "resume": resume.name if resume else None}
+            "resume": resume.name if resume else None,
+            "pinned": {n: e for n, e in pinned.items() if any(r["name"] == n for r in rows)}}

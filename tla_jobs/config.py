@@ -114,10 +114,11 @@ class TrainConfig(BaseModel):
     checkpoint_every_min: float = Field(10.0, ge=0, description="0 = only at epoch ends")
     checkpoint_every_epochs: int = Field(20, ge=0, description="keep checkpoint_epoch{N}.pth every N; 0 = never")
     keep_last: int = Field(0, ge=0, description="keep only the newest N checkpoint_epoch{N}.pth files (older ones "
-                           "are deleted after each save, like timm's --checkpoint-hist); 0 = keep all. "
-                           "checkpoint_last/prev/best are always kept")
-    keep_best: int = Field(0, ge=0, description="with --keep-last: also keep the K checkpoint_epoch{N}.pth files "
-                           "of the best top-1 (like Lightning's save_top_k)")
+                           "are deleted after each save); 0 = no limit by age. checkpoint_last/prev/best are always "
+                           "kept")
+    keep_best: int = Field(0, ge=0, description="keep the K checkpoint_epoch{N}.pth files of the best top-1 (timm's "
+                           "--checkpoint-hist, Lightning's save_top_k); with --keep-last, the newest N as well. "
+                           "Both 0 (the default): every periodic checkpoint stays")
     tensorboard: bool = Field(True, description="write TensorBoard event files into RUN/tensorboard (needs the "
                               "tensorboard package: without it, one warning and none are written)")
     wandb: bool = Field(False, description="log the curves to Weights & Biases too (needs the wandb package; "

@@ -90,11 +90,14 @@ def append_event(path: str | Path, event: dict) -> None:
 def metrics_summary(rows: list[dict]) -> dict:
     """What `tla status` and `tla report` show of metrics.jsonl. The trainer puts it in every
     heartbeat, so listing a thousand runs does not parse a thousand metric histories."""
-    keep = ("epoch", "acc1", "acc5", "val_loss", "train_loss")
+    keep = ("epoch", "acc1", "acc5", "val_loss", "train_loss", "ema_acc1", "ema_acc5")
     best = max(rows, key=lambda r: r["acc1"]) if rows else None
+    ema = [r for r in rows if r.get("ema_acc1") is not None]  # runs with --model-ema: DeiT reports both
+    best_ema = max(ema, key=lambda r: r["ema_acc1"]) if ema else None
     return {
         "epochs_done": rows[-1]["epoch"] + 1 if rows else 0,
         "best": {k: best.get(k) for k in keep} if best else None,
         "last": {k: rows[-1].get(k) for k in keep} if rows else None,
+        "best_ema": {k: best_ema.get(k) for k in ("epoch", "ema_acc1", "ema_acc5")} if best_ema else None,
         "mean_epoch_s": sum(r.get("epoch_s", 0.0) for r in rows) / len(rows) if rows else None,
     }

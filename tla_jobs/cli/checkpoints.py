@@ -10,10 +10,23 @@ from rich.table import Table
 
 from tla_jobs.cli.app import app, guard
 from tla_jobs.cli.show import console, fmt, run_paths
-from tla_jobs.errors import ChecksFailed
+from tla_jobs.errors import ChecksFailed, TlaError
 
-ckpt_app = typer.Typer(help="Every run's checkpoints in one table (or --run / --sweep), and pruning the periodic ones.",
-                       no_args_is_help=False, invoke_without_command=True)
+
+class _ListByDefault(typer.core.TyperGroup):
+    """`tla checkpoints [RUNS] [--json]` lists (the `list` subcommand); `tla checkpoints prune ...`
+    prunes. A click group cannot take positional run names and subcommands at once: anything that
+    is not a subcommand's name (or --help) is handed to `list`."""
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            args = ["list", *args]
+        return super().parse_args(ctx, args)
+
+
+ckpt_app = typer.Typer(cls=_ListByDefault, no_args_is_help=False,
+                       help="Every run's checkpoints in one table (`tla checkpoints [RUNS | --sweep NAME]`, the "
+                            "`list` subcommand), and pruning the periodic ones (`tla checkpoints prune RUN`).")
 app.add_typer(ckpt_app, name="checkpoints")
 
 
@@ -45,10 +58,11 @@ def _show(rows: list[dict], per_run: dict[str, dict], overall: dict) -> None:
     console.print(f"total: {overall['count']} checkpoint(s) in {len(per_run)} run(s), {_size(overall['bytes'])}")
 
 
-@ckpt_app.callback()
+@ckpt_app.command("list")
 def checkpoints(
-    ctx: typer.Context,
-    runs: list[str] = typer.Option(None, "--run", "-r", help="Only this run (repeatable); default: every run."),
+    names: list[str] = typer.Argument(None, metavar="[RUNS]...", help="Runs (names or directories, also a "
+                                      "`tla train --output-dir` folder); default: every run."),
+    runs: list[str] = typer.Option(None, "--run", "-r", help="Only this run (repeatable), as RUNS."),
     sweep: str = typer.Option(None, "--sweep", help="Only the runs of this sweep (`tla submit sweep --name`)."),
     verify: bool = typer.Option(False, "--verify", help="Re-hash every file against its sha256 sidecar (reads "
                                 "them whole)."),
@@ -56,9 +70,21 @@ def checkpoints(
 ) -> None:
     """Which checkpoints every run keeps: best / last / prev / epoch N (and whether EMA weights are
     inside), epoch, top-1/top-5 where logged, size, sha256 checked or not, path; totals per run."""
-    if ctx.invoked_subcommand is not None:
-        return
-    _list(runs, sweep, verify, as_json)
+    _list([*(names or []), *(runs or [])], sweep, verify, as_json)
+
+
+def _folder(name: str) -> Path:
+    """A run by name or directory, or a folder a `tla train --output-dir` wrote (no run.json)."""
+    from tla_jobs import rundir
+    from tla_jobs.jobs import records
+
+    try:
+        return records.resolve(name)
+    except TlaError:
+        path = Path(name).expanduser()
+        if path.is_dir() and ((path / rundir.CHECKPOINT_LOG).exists() or any(path.glob("*.pth"))):
+            return path.resolve()
+        raise
 
 
 @guard
@@ -66,7 +92,7 @@ def _list(runs, sweep, verify, as_json) -> None:
     from tla_jobs.checkpoint_files import list_checkpoints, totals
     from tla_jobs.jobs import records
 
-    paths = run_paths(runs)
+    paths = [_folder(r) for r in runs] if runs else run_paths(None)
     if sweep is not None:
         paths = records.sweep_runs(sweep, paths)
     per_path = {p: list_checkpoints(p, verify=verify) for p in paths}
@@ -84,19 +110,22 @@ def _list(runs, sweep, verify, as_json) -> None:
 @ckpt_app.command("prune")
 @guard
 def prune(
-    run: str = typer.Argument(..., help="The run (name or directory)."),
-    keep_last: int = typer.Option(..., "--keep-last", min=1, help="Keep the newest N periodic checkpoint_epoch "
+    run: str = typer.Argument(..., help="The run (name or directory, also a `tla train --output-dir` folder)."),
+    keep_last: int = typer.Option(0, "--keep-last", min=0, help="Keep the newest N periodic checkpoint_epoch "
                                   "files."),
-    keep_best: int = typer.Option(0, "--keep-best", min=0, help="Keep also the K periodic ones of highest top-1."),
+    keep_best: int = typer.Option(0, "--keep-best", min=0, help="Keep the K periodic ones of highest top-1 (with "
+                                  "--keep-last: as well)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would go; remove nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print what was (or would be) removed as JSON."),
 ) -> None:
     """Remove periodic checkpoints beyond a keep-last / keep-best policy (never the last, previous or
-    best checkpoint, nor the one a new attempt would resume from)."""
+    best checkpoint, nor the one a new attempt would resume from, nor one a submitted eval job has yet
+    to read)."""
     from tla_jobs.checkpoint_files import prune as do_prune
-    from tla_jobs.jobs import records
 
-    out = do_prune(records.resolve(run), keep_last, keep_best, dry_run=dry_run)
+    if not keep_last and not keep_best:
+        raise TlaError("say what to keep: --keep-last N and/or --keep-best K (last, prev and best always stay)")
+    out = do_prune(_folder(run), keep_last, keep_best, dry_run=dry_run)
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -104,5 +133,7 @@ def prune(
     for r in out["removed"]:
         console.print(f"{verb} {Path(r['path']).name} (epoch {r['epoch']}, acc1 {fmt(r['acc1'])}, "
                       f"{_size(r['bytes'])})")
+    for name, eval_id in out["pinned"].items():
+        console.print(f"kept {name}: eval {eval_id} has yet to read it")
     console.print(f"{out['run']}: {verb} {len(out['removed'])} checkpoint(s), {_size(out['bytes'])}; "
                   f"kept {len(out['kept'])}" + (f" (resume from {out['resume']})" if out["resume"] else ""))

@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 
 from tla_jobs.config import TrainConfig
+from tla_jobs.errors import TlaError
 
 HIDDEN = {"step_delay"}
 # Help for the fields whose own description (config.py) is missing or too terse for --help.
@@ -65,7 +66,7 @@ ALIASES = {
     "batch_size": ["-b"],
     "interpolation": ["--train-interpolation"],
     "eval_only": ["--eval"],
-    "keep_last": ["--checkpoint-hist"],
+    "keep_best": ["--checkpoint-hist"],  # timm's: the N best by the eval metric
 }
 
 
@@ -127,6 +128,13 @@ def _typed(ctx, name: str) -> bool:
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return a.expanduser().resolve() == b.expanduser().resolve()
+    except OSError:
+        return False
+
+
 def with_train_options(fn=None, *, not_from_file: tuple[str, ...] = ()):
     """Append the trainer options and --config FILE to ``fn``'s own; ``fn`` receives them as
     ``train_kwargs``: the defaults, the file's values over them (except ``not_from_file``), the
@@ -142,6 +150,10 @@ def with_train_options(fn=None, *, not_from_file: tuple[str, ...] = ()):
 
             recipe = {k: v for k, v in load_config_file(config).items() if k not in not_from_file}
             typed = {k: v for k, v in train_kwargs.items() if _typed(ctx, k)}
+            own = recipe.get("output_dir")
+            if own and "output_dir" not in typed and _same_dir(Path(own), Path(config).parent):
+                raise TlaError(f"{config} is the config of the run in {own}: add --output-dir NEW to repeat "
+                               f"that run (or --output-dir {own} to continue it)")
             train_kwargs = {**train_kwargs, **recipe, **typed}
         return fn(**kwargs, train_kwargs=train_kwargs)
 

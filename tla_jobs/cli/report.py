@@ -64,7 +64,7 @@ def report(
         table = R.grouped(table)
         table = R.with_std(table) if fmt in ("table", "md") else R.with_paired(table, pairs)
     if fmt in ("table", "md"):
-        tables = [table] + ([R.paired_for_people(pairs)] if pairs else [])
+        tables = [R.for_people(table)] + ([R.paired_for_people(pairs)] if pairs else [])
         text = "\n".join(R.as_markdown(t) for t in tables)
         if fmt == "table":
             for i, rows in enumerate(tables):

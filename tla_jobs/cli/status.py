@@ -67,6 +67,11 @@ def _detail(st) -> None:
     if st.state != "DAMAGED":
         _ = st.metrics  # read now, so that a damaged metrics.jsonl is said too
     console.print(_table([st]))
+    ema = st.progress.get("best_ema") if st.state != "DAMAGED" else None
+    if ema:  # runs with --model-ema: DeiT reports the EMA weights' accuracy beside the model's
+        last = (st.progress.get("last") or {}).get("ema_acc1")
+        console.print(f"EMA weights: best_acc1 {fmt(ema.get('ema_acc1'))} (epoch {ema.get('epoch')}), "
+                      f"last_acc1 {fmt(last)}", highlight=False)
     for problem in st.problems:
         console.print(f"[red]damaged[/]: {escape(problem)} (in {st.path})", highlight=False)
     if st.state == "DAMAGED":

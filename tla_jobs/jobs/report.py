@@ -23,7 +23,10 @@ PAPER = {
     "swin_base_patch4_window7_224": (83.5, 83.7),
 }
 COLUMNS = ["run", "state", "model", "mixing", "epochs_done", "epochs", "lr", "global_batch", "seed", "best_acc1",
-           "best_acc5", "last_acc1", "last_acc5", "eval_which", "eval_epoch", "eval_acc1", "eval_acc5", "gpu_hours"]
+           "best_acc5", "last_acc1", "last_acc5", "best_ema_acc1", "last_ema_acc1", "eval_which", "eval_epoch",
+           "eval_acc1", "eval_acc5", "gpu_hours"]
+# Shown to people only when some run has them (runs without --model-ema have no EMA accuracy).
+EMA_COLUMNS = ("best_ema_acc1", "last_ema_acc1")
 
 
 def _latest_eval(st: RunStatus) -> tuple[dict, dict]:
@@ -72,7 +75,8 @@ def rows(statuses: list[RunStatus], paper: bool = False) -> list[dict]:
             "run": st.name, "state": st.state, "model": spec.get("model", ""), "mixing": _mixing(st),
             "epochs_done": st.epoch, "epochs": spec.get("epochs"), **_training(st),
             "best_acc1": best.get("acc1"), "best_acc5": best.get("acc5"), "last_acc1": last.get("acc1"),
-            "last_acc5": last.get("acc5"), "eval_which": _which(entry, ev),
+            "last_acc5": last.get("acc5"), "best_ema_acc1": (st.progress.get("best_ema") or {}).get("ema_acc1"),
+            "last_ema_acc1": last.get("ema_acc1"), "eval_which": _which(entry, ev),
             "eval_epoch": ev.get("epoch") if isinstance(ev.get("epoch"), int) else None,
             "eval_acc1": ev.get("acc1"), "eval_acc5": ev.get("acc5"), "gpu_hours": round(st.gpu_hours, 3),
         }
@@ -111,7 +115,7 @@ def grouped(table: list[dict]) -> list[dict]:
     for (model, mixing), rs in groups.items():
         row = {"model": model, "mixing": mixing, "runs": len(rs),
                "finished": sum(r["state"] == "COMPLETED" for r in rs)}
-        for key in ("best_acc1", "best_acc5", "last_acc1", "last_acc5"):
+        for key in ("best_acc1", "best_acc5", "last_acc1", "last_acc5", *EMA_COLUMNS):
             mean, std = _mean_std([r[key] for r in rs if r[key] is not None])
             row[key], row[f"{key}_std"] = mean, std
         if "paper_acc1" in rs[0]:
@@ -175,6 +179,12 @@ def paired_for_people(pairs: list[dict]) -> list[dict]:
 
 def _p(v: float | None) -> str | None:
     return None if v is None else f"{v:.3f}"
+
+
+def for_people(table: list[dict]) -> list[dict]:
+    """The table without the EMA columns when no run has EMA weights (CSV and JSON keep them all)."""
+    empty = {k for k in EMA_COLUMNS if all(r.get(k) is None for r in table)}
+    return [{k: v for k, v in r.items() if k not in empty and k.removesuffix("_std") not in empty} for r in table]
 
 
 def with_std(table: list[dict]) -> list[dict]:

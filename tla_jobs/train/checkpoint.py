@@ -29,7 +29,7 @@ from tla_jobs import __version__, rundir
 from tla_jobs import checkpoint_files as listing
 from tla_jobs.checkpoint_files import candidates, file_sha256
 from tla_jobs.errors import CheckpointError
-from tla_jobs.fsutil import _fsync_dir, write_temp
+from tla_jobs.fsutil import _fsync_dir, read_jsonl, write_temp
 from tla_jobs.train import distributed as tdist
 from tla_jobs.train import rng
 from tla_jobs.train.progress import Progress
@@ -187,7 +187,7 @@ def save(run: Run, p: Progress, extra_names=()) -> None:
             write(run.out, name, data, digest, keep_previous=name == LAST)
             rundir.append_event(run.out / rundir.CHECKPOINT_LOG, listing.log_line(
                 name, digest, len(data), progress, row, ema=run.models.ema is not None))
-        if cfg.keep_last:
+        if cfg.keep_last or cfg.keep_best:
             gone = listing.prune(run.out, cfg.keep_last, cfg.keep_best, trust_last=True)["removed"]
             if gone:
                 log.info("removed %s (--keep-last %d, --keep-best %d)", ", ".join(r["name"] for r in gone),
@@ -195,13 +195,32 @@ def save(run: Run, p: Progress, extra_names=()) -> None:
     tdist.barrier(run.info)
 
 
+def resume_consumed(resume: Path, out: Path) -> bool:
+    """This SLURM job (or local job) already started from ``resume`` once: it is being requeued by
+    SLURM itself (a node failure, `scontrol requeue`, a preemption that requeues), with the same
+    --resume it was submitted with. Its own checkpoints in ``out`` then hold its progress; going back
+    to ``resume`` would throw that away (and ``resume`` may since have been pruned from its run)."""
+    job_id = rundir.job_identity()["job_id"]
+    if not job_id:
+        return False  # a shell: every `tla train --resume X` is a deliberate start from X
+    return any(e.get("event") == "start" and e.get("job_id") == job_id
+               and (e.get("resumed_from") or {}).get("path") == str(resume)
+               for e in read_jsonl(out / rundir.ATTEMPTS))
+
+
 def find(cfg, num_classes: int, out: Path | None) -> tuple[dict, str, Path] | None:
-    """The checkpoint to continue from (or evaluate): --resume, else the newest good one in ``out``.
+    """The checkpoint to continue from (or evaluate): --resume, else the newest good one in ``out``
+    (also when --resume was already used by an earlier attempt of this job: :func:`resume_consumed`).
     One of another model or class count is refused."""
+    found = None
+    here = out is not None and out.is_dir()
     if cfg.resume:
         path = Path(cfg.resume).expanduser()
-        found = (*load(path), path)
-    elif out is not None and out.is_dir():
+        if not cfg.eval_only and here and resume_consumed(path, out):
+            found = load_latest(out)
+        if found is None:
+            found = (*load(path), path)
+    elif here:
         found = load_latest(out)
     else:
         return None

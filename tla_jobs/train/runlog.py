@@ -110,8 +110,18 @@ class RunLog:
             import yaml
 
             self.check_owner()
-            head = f"# the resolved config of {self.out.name} (tla {__version__}); repeat it with --config FILE\n"
-            atomic_write_text(self.out / rundir.CONFIG_YAML, head + yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+            resolved = cfg.model_dump()
+            if not resolved["resume"]:
+                # a later attempt continues from the run's own checkpoints (resume ""), but the run
+                # began from the first attempt's --resume: repeating it must start there too
+                try:
+                    first = yaml.safe_load((self.out / rundir.CONFIG_YAML).read_text()) or {}
+                    resolved["resume"] = str(first.get("resume") or "")
+                except (OSError, yaml.YAMLError, AttributeError):
+                    pass
+            head = (f"# the resolved config of {self.out.name} (tla {__version__}); repeat it with "
+                    "--config FILE --output-dir NEW\n")
+            atomic_write_text(self.out / rundir.CONFIG_YAML, head + yaml.safe_dump(resolved, sort_keys=False))
 
     def metrics(self, history: list[dict]) -> None:
         if self.is_main:
