@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CLUSTER, FAST, assert_clean_error, runs_env, sh, status, tla, wait_for
+from helpers_runs import EPOCHS, trained_run
 
 pytestmark = [pytest.mark.slurm]
 STATE = os.environ.get("TLA_SLURM_STATE", "/var/tmp/tla-slurm")
@@ -159,25 +160,48 @@ def test_preemption_requeues_resumes_and_completes(env, digits, user_signal):
 
 
 @pytest.mark.parametrize("how", ["scontrol-requeue", "usr2"])
-def test_requeue_and_usr2_checkpoint_and_resume(env, digits, how):
-    name = f"rq-{how}"
-    job = submit(env, name, "--step-delay", "0.15", "--checkpoint-every-min", "0", digits=digits, epochs=2)
-    wait_step(env, name, 5)
+def test_requeue_and_usr2_checkpoint_and_resume(env, digits, how, shared_dir):
+    name, epochs, extra, base = f"rq-{how}", 2, [], 0
+    if how == "scontrol-requeue":
+        # a run branched from another's checkpoint (--resume, as a fine-tune is): SLURM's own requeue
+        # runs the job again with the same --resume, and it must go on from its own progress. Its
+        # periodic checkpoints are pruned all the while, as a user's `tla checkpoints prune` may.
+        start = trained_run(shared_dir, digits) / "checkpoint_last.pth"
+        base = json.loads((start.parent / "checkpoints.jsonl").read_text().splitlines()[-1])["global_step"]
+        epochs, extra = EPOCHS + 2, ["--resume", str(start), "--checkpoint-every-epochs", "1"]
+    job = submit(env, name, "--step-delay", "0.15", "--checkpoint-every-min", "0", *extra, digits=digits,
+                 epochs=epochs)
+    wait_step(env, name, base + 5)
     if how == "scontrol-requeue":
         sh("scontrol", "requeue", job)  # SIGTERM, then SIGKILL after KillWait: the handler saves in time
         reason = "signal:SIGTERM"
     else:
         tla(env, "signal", name, check=True)  # scancel --signal=USR2: submitit's preemption signal
         reason = "signal:SIGUSR2"
-    st = wait_state(env, name, {"COMPLETED", "FAILED"}, timeout=400)
+    pruned: list[str] = []
+
+    def ended():
+        if extra:
+            out = json.loads(tla(env, "checkpoints", "prune", name, "--keep-last", "1", "--json", check=True).stdout)
+            pruned.extend(r["name"] for r in out["removed"])
+        st = status(env, name)
+        return st if st["state"] in ("COMPLETED", "FAILED") else None
+
+    st = wait_for(ended, 400, what=f"{name} to end")
     assert st["state"] == "COMPLETED", st
     first = st["attempts"][0]["end"]
-    assert first["reason"] == reason and first["global_step"] >= 5
+    assert first["reason"] == reason and first["global_step"] >= base + 5
     resumed = st["attempts"][1]["start"]
     assert resumed["global_step"] == first["global_step"]
     assert (resumed["resumed_from"]["epoch"], resumed["resumed_from"]["step"]) == (first["epoch"], first["step"])
     assert st["attempts"][1]["start"]["restart_count"] >= 1
-    assert metrics_epochs(env, name) == [0, 1]
+    assert metrics_epochs(env, name) == list(range(epochs))
+    if extra:
+        assert resumed["resumed_from"]["path"] == str(env["runs"] / name / "checkpoint_last.pth")
+        assert all(re.fullmatch(r"checkpoint_epoch\d+\.pth", n) for n in pruned)
+        left = {p.name for p in (env["runs"] / name).glob("*.pth")}
+        assert {"checkpoint_last.pth", "checkpoint_prev.pth", "checkpoint_best.pth",
+                f"checkpoint_epoch{epochs}.pth"} <= left
 
 
 def test_time_limit_checkpoints_requeues_and_finishes(env, digits):

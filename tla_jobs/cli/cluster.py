@@ -7,7 +7,7 @@ import json
 
 import typer
 
-from tla_jobs.cli.app import app, guard
+from tla_jobs.cli.root import app, guard
 from tla_jobs.cli.show import console
 
 cluster_app = typer.Typer(help="Cluster profiles: list them, make one for this SLURM cluster, check one.",

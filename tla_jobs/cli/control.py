@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
-from tla_jobs.cli.app import app, guard
+from tla_jobs.cli.root import app, guard
 
 console = Console()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from tla_jobs.cli.app import app, guard
+from tla_jobs.cli.root import app, guard
 from tla_jobs.cli.show import console
 from tla_jobs.errors import TlaError
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from tla_jobs.cli.app import app, guard
+from tla_jobs.cli.root import app, guard
 
 image_app = typer.Typer(help="Build the container image, and convert it for Pyxis/enroot or Apptainer.",
                         no_args_is_help=True)

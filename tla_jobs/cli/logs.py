@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from tla_jobs.cli.app import app, guard
+from tla_jobs.cli.root import app, guard
 from tla_jobs.cli.show import console
 from tla_jobs.errors import TlaError
 from tla_jobs.jobs.scheduler import FINAL

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from tla_jobs.cli.app import app, guard
+from tla_jobs.cli.root import app, guard
 from tla_jobs.cli.show import MARK, console, refuse_damage, run_paths
 from tla_jobs.config import CONTROL_MIXING
 from tla_jobs.errors import TlaError

@@ -15,7 +15,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from tla_jobs.cli.app import app, guard
+from tla_jobs.cli.root import app, guard
 from tla_jobs.cli.show import MARK, STYLE, console, eta, fmt, refuse_damage, run_paths, throughput
 from tla_jobs.errors import TlaError
 from tla_jobs.jobs.scheduler import ACTIVE, FINAL

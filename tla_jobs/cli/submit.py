@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from tla_jobs.cli.app import app, flag_name, guard
 from tla_jobs.cli.options import with_resource_options, with_train_options
+from tla_jobs.cli.root import app, flag_name, guard
 from tla_jobs.errors import TlaError
 
 submit_app = typer.Typer(help="Submit training runs (one, or a sweep as one job array).", no_args_is_help=True)

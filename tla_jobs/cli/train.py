@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from tla_jobs.cli.app import app, guard
 from tla_jobs.cli.options import with_train_options
+from tla_jobs.cli.root import app, guard
 
 data_app = typer.Typer(help="Prepare the small datasets that ship with packages.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
