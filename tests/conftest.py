@@ -91,7 +91,9 @@ def pytest_collection_modifyitems(config, items):
     slurm: everything marked `slurm` (container ones included), serial on one worker; those that
     also need the built image go last in that group, so that this worker (the longest) does not sit
     waiting for the image while the "image" group builds it. image: the container tests that use
-    the `built_image` fixture and no cluster."""
+    the `built_image` fixture and no cluster. Any other test marked ``xdist_group(NAME)``: group NAME
+    (a module whose module-scoped fixture trains a run marks itself, so that the run is trained
+    once, not once on every worker that gets one of its tests)."""
     def needs_image(item) -> bool:
         return "built_image" in getattr(item, "fixturenames", ())
 
@@ -101,6 +103,8 @@ def pytest_collection_modifyitems(config, items):
             groups[item.nodeid] = "slurm"
         elif needs_image(item):
             groups[item.nodeid] = "image"
+        elif (mark := item.get_closest_marker("xdist_group")) is not None:
+            groups[item.nodeid] = mark.args[0] if mark.args else mark.kwargs["name"]
     late = [i for i in items if i.get_closest_marker("slurm") and needs_image(i)]
     items[:] = [i for i in items if i not in late] + late
     if hasattr(config, "workerinput") and os.environ.get(GROUPS_ENV):

@@ -15,7 +15,7 @@ from conftest import FAST, assert_clean_error, runs_env, status, tla, wait_for
 from tla_jobs.checkpoint_files import read_sidecar
 from tla_jobs.train.export import read_metadata
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("artifacts")]
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +163,11 @@ def test_checkpoints_table_matches_the_files_and_prune_keeps_what_resumes(world,
     text = tla(world, "checkpoints", "--run", "ema", check=True).stdout
     assert "epoch 1" in text and "total:" in text and "not checked" in text
     assert_clean_error(tla(world, "checkpoints", "--sweep", "nope"), "no runs of a sweep named")
+    # runs by name as `tla status` takes them, and a `tla train --output-dir` folder (no run.json)
+    both = json.loads(tla(world, "checkpoints", "ema", world["plain"], "--json", check=True).stdout)
+    assert set(both["runs"]) == {"ema", "plain"}
+    assert sorted(Path(r["path"]).name for r in both["checkpoints"] if r["run"] == "ema") == on_disk
+    assert {Path(r["path"]) for r in both["checkpoints"] if r["run"] == "plain"} == set(world["plain"].glob("*.pth"))
 
     copy = runs_env(tmp_path / "runs")  # pruning works on a copy: the other tests read the run's files
     shutil.copytree(run, copy["runs"] / "ema")

@@ -18,7 +18,7 @@ from tla_jobs.train import checkpoint as ckpt
 from tla_jobs.train.export import export, load_line, read_metadata
 from tla_jobs.train.models import build_model
 
-pytestmark = pytest.mark.slow  # trains real models: `make test`, not `make test-fast`
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("export")]  # trains real models: not in `make test-fast`
 
 # Runs in a fresh interpreter: builds the model from the export's own metadata with timm alone and
 # prints its logits on a fixed input. tla_jobs must not even be importable by accident.

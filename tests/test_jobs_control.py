@@ -16,6 +16,8 @@ import time
 import pytest
 from conftest import FAST, PROFILES, assert_clean_error, runs_env, status, tla, wait_for
 
+pytestmark = pytest.mark.xdist_group("jobs-control")  # `finished` (module scope) is trained once
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
