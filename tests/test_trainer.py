@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST, TLA, assert_clean_error, run_tla
+from helpers_runs import trained_run
 
 from tla_jobs.config import TrainConfig
 from tla_jobs.train import checkpoint as ckpt
@@ -210,9 +211,8 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_foreign_checkpoint_is_refused_with_one_line(digits, tmp_path):
-    run = tmp_path / "nano"
-    _one_epoch(digits, run)
+def test_foreign_checkpoint_is_refused_with_one_line(digits, tmp_path, shared_dir):
+    run = trained_run(shared_dir, digits)  # a tla_vit_nano run, only read here
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     other = tmp_path / "micro"
     proc = run_tla("train", *FAST, "--model", "tla_vit_micro", "--data-path", digits, "--output-dir", other,
