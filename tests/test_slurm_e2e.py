@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from conftest import CLUSTER, FAST, assert_clean_error, runs_env, sh, status, tla, wait_for
-from helpers_runs import EPOCHS, trained_run
 
 pytestmark = [pytest.mark.slurm]
 STATE = os.environ.get("TLA_SLURM_STATE", "/var/tmp/tla-slurm")
@@ -160,15 +159,16 @@ def test_preemption_requeues_resumes_and_completes(env, digits, user_signal):
 
 
 @pytest.mark.parametrize("how", ["scontrol-requeue", "usr2"])
-def test_requeue_and_usr2_checkpoint_and_resume(env, digits, how, shared_dir):
+def test_requeue_and_usr2_checkpoint_and_resume(env, digits, how, tmp_path):
     name, epochs, extra, base = f"rq-{how}", 2, [], 0
     if how == "scontrol-requeue":
         # a run branched from another's checkpoint (--resume, as a fine-tune is): SLURM's own requeue
         # runs the job again with the same --resume, and it must go on from its own progress. Its
         # periodic checkpoints are pruned all the while, as a user's `tla checkpoints prune` may.
-        start = trained_run(shared_dir, digits) / "checkpoint_last.pth"
-        base = json.loads((start.parent / "checkpoints.jsonl").read_text().splitlines()[-1])["global_step"]
-        epochs, extra = EPOCHS + 2, ["--resume", str(start), "--checkpoint-every-epochs", "1"]
+        base, seed = 2, tmp_path / "seed"  # the run it branches from: 2 steps of epoch 0
+        tla(env, "train", *FAST, "--data-path", digits, "--epochs", "1", "--max-steps", str(base), "--output-dir",
+            seed, check=True)
+        extra = ["--resume", str(seed / "checkpoint_last.pth"), "--checkpoint-every-epochs", "1"]
     job = submit(env, name, "--step-delay", "0.15", "--checkpoint-every-min", "0", *extra, digits=digits,
                  epochs=epochs)
     wait_step(env, name, base + 5)
