@@ -17,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from pathlib import Path
 
 from tla_jobs import rundir
 from tla_jobs.errors import TlaError
-from tla_jobs.fsutil import read_jsonl
+from tla_jobs.fsutil import read_json, read_jsonl
 
 WHICH = {rundir.CHECKPOINT_LAST: "last", rundir.CHECKPOINT_PREV: "prev", rundir.CHECKPOINT_BEST: "best"}
 ORDER = {"last": 0, "prev": 1, "best": 2, "epoch": 3, "other": 4}
@@ -198,16 +199,10 @@ def pinned_by_evals(run_dir: Path, max_age_s: float = 7 * 86400) -> dict[str, st
     may wait in the queue, or for the training job, for days) has yet to read: {file name: eval id}.
     An eval is waiting until its eval.json exists; one submitted over ``max_age_s`` ago that never
     reported (cancelled, failed) no longer pins its file."""
-    import json
-    import time
-
-    try:
-        record = json.loads((run_dir / rundir.RUN_JSON).read_text())
-        evals = list(record.get("evals") or [])
-    except (OSError, ValueError, AttributeError):  # no run.json (a `tla train` folder) or a damaged one
-        return {}
+    record = read_json(run_dir / rundir.RUN_JSON, default={})  # none in a `tla train` folder; damaged: {}
+    evals = record.get("evals") if isinstance(record, dict) else None
     now, out = time.time(), {}
-    for e in evals:
+    for e in evals if isinstance(evals, list) else []:
         if not isinstance(e, dict) or not e.get("checkpoint") or not e.get("eval_id"):
             continue
         path = Path(e["checkpoint"])
@@ -243,8 +238,8 @@ def prune(run_dir: str | Path, keep_last: int, keep_best: int = 0, dry_run: bool
                     os.unlink(p)
                 except FileNotFoundError:  # another pruner (the trainer, a second `tla`) was first
                     pass
-    names = {r["name"] for r in drop}
+    names, listed = {r["name"] for r in drop}, {r["name"] for r in rows}
     return {"run": run_dir.name, "dry_run": dry_run, "removed": drop,
             "kept": [r for r in rows if r["name"] not in names], "bytes": sum(r["bytes"] for r in drop),
             "resume": resume.name if resume else None,
-            "pinned": {n: e for n, e in pinned.items() if any(r["name"] == n for r in rows)}}
+            "pinned": {n: e for n, e in pinned.items() if n in listed}}

@@ -73,26 +73,13 @@ def checkpoints(
     _list([*(names or []), *(runs or [])], sweep, verify, as_json)
 
 
-def _folder(name: str) -> Path:
-    """A run by name or directory, or a folder a `tla train --output-dir` wrote (no run.json)."""
-    from tla_jobs import rundir
-    from tla_jobs.jobs import records
-
-    try:
-        return records.resolve(name)
-    except TlaError:
-        path = Path(name).expanduser()
-        if path.is_dir() and ((path / rundir.CHECKPOINT_LOG).exists() or any(path.glob("*.pth"))):
-            return path.resolve()
-        raise
-
-
 @guard
 def _list(runs, sweep, verify, as_json) -> None:
     from tla_jobs.checkpoint_files import list_checkpoints, totals
     from tla_jobs.jobs import records
+    from tla_jobs.jobs.artifacts import as_run
 
-    paths = [_folder(r) for r in runs] if runs else run_paths(None)
+    paths = [as_run(r) for r in runs] if runs else run_paths(None)
     if sweep is not None:
         paths = records.sweep_runs(sweep, paths)
     per_path = {p: list_checkpoints(p, verify=verify) for p in paths}
@@ -122,10 +109,11 @@ def prune(
     best checkpoint, nor the one a new attempt would resume from, nor one a submitted eval job has yet
     to read)."""
     from tla_jobs.checkpoint_files import prune as do_prune
+    from tla_jobs.jobs.artifacts import as_run
 
     if not keep_last and not keep_best:
         raise TlaError("say what to keep: --keep-last N and/or --keep-best K (last, prev and best always stay)")
-    out = do_prune(_folder(run), keep_last, keep_best, dry_run=dry_run)
+    out = do_prune(as_run(run), keep_last, keep_best, dry_run=dry_run)
     if as_json:
         typer.echo(json.dumps(out))
         return

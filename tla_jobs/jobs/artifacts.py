@@ -48,7 +48,7 @@ def _run_of(path: Path) -> Path | None:
     return folder if (folder / rundir.RUN_JSON).is_file() else None
 
 
-def _as_run(target: str) -> Path | None:
+def as_run(target: str) -> Path:
     """A run by name, or a folder that holds a run (run.json) or a `tla train --output-dir` (checkpoints)."""
     path = Path(target).expanduser()
     if path.is_dir() and ((path / rundir.RUN_JSON).is_file() or (path / rundir.CHECKPOINT_LAST).exists()):
@@ -108,7 +108,7 @@ def locate(target: str, which: str | None, exports: bool = False, default: str =
     path = Path(target).expanduser()
     if path.is_file() or path.suffix in (".pth", ".safetensors"):
         return _file(path, which, exports)
-    run_dir = _as_run(target)
+    run_dir = as_run(target)
     which = which or default
     try:
         ckpt, weights = checkpoints.select(run_dir, which)
