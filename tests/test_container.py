@@ -19,8 +19,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,8 @@ from filelock import FileLock
 
 from tla_jobs import __version__
 from tla_jobs.errors import TlaError
-from tla_jobs.jobs import image
+from tla_jobs.jobs import containers, image
+from tla_jobs.jobs.profiles import ContainerSettings
 
 DOCKER = ROOT / "docker"
 CONTAINERS_CONF = DOCKER / "containers.conf"
@@ -357,6 +360,44 @@ def test_training_inside_the_container_is_evaluated_outside(built_image, digits,
     report = wait_for(evaluated, 600, every=2,
                       what=lambda: "the evaluation:\n" + tla(env, "logs", "inside").stdout[-3000:])
     assert 0 <= report["eval_acc1"] <= 100 and report["eval_acc5"] >= report["eval_acc1"]
+
+
+# ------------------------------------------------------------------ the podman step and its signals
+
+
+@pytest.mark.container
+@pytest.mark.parametrize("how", ["signal-to-the-step-shell-only", "podman-client-killed"])
+def test_podman_step_sends_stop_signals_into_the_container(standin_base, tmp_path, how):
+    """The podman runtime's step (containers.step_python) gets the stop signal into the container and
+    exits with the container's status (75: checkpointed, requeue me) when podman's own signal proxy
+    does not: signal-to-the-step-shell-only sends SIGTERM to the step's shell alone; podman-client-killed
+    first kills the podman client, as when its proxy gave up on a failed forward (SLURM killed podman's
+    `runc kill` helper) and re-raised the signal on itself, leaving the container running. A container
+    that a killed attempt of the same job left behind under the step's name is replaced."""
+    job = f"t{os.getpid()}-{how[:6]}"
+    name = f"tla-{job}-0-0"
+    podman("run", "-d", "--name", name, standin_base, "sleep", "600")  # the leftover
+    c = ContainerSettings(runtime="podman", image=standin_base, python="bash")
+    ready = tmp_path / "ready"
+    body = f"trap 'exit 75' TERM; touch {ready}; while :; do sleep 0.1; done"
+    cmd = [*shlex.split(containers.step_python(c, [f"{tmp_path}:{tmp_path}"])), "-c", body]
+    proc = subprocess.Popen(cmd, env={**os.environ, **PODMAN_ENV, "SLURM_JOB_ID": job, "SLURM_STEP_ID": "0",
+                                      "SLURM_PROCID": "0"}, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(ready.exists, 120, every=0.2, what="the container to start")
+        if how == "podman-client-killed":
+            client = sh("pgrep", "-P", str(proc.pid), "-x", "podman").stdout.split()
+            assert len(client) == 1
+            os.kill(int(client[0]), signal.SIGKILL)
+            time.sleep(1)
+            assert podman("container", "inspect", "--format", "{{.State.Running}}", name).stdout.strip() == "true"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 75, proc.stderr.read()
+    finally:
+        proc.kill()
+        podman("rm", "--force", name, check=False)
+    # the container is gone (the step removes it; the leftover was replaced)
+    assert podman("container", "exists", name, check=False).returncode == 1
 
 
 # ------------------------------------------------------------------ SLURM: the podman runtime, host requeue

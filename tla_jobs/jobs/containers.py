@@ -32,6 +32,33 @@ def mounts(container: ContainerSettings, extra_paths: list[str]) -> list[str]:
     return out
 
 
+# The podman step: `podman run "$@"` under a name, with the stop signals (TERM: preemption,
+# `scontrol requeue`; USR2: time limit, forwarded by the batch shell) sent into the container by this
+# shell as well. podman's own signal proxy is not enough: SLURM signals every process of the step,
+# SIGCONT then SIGTERM, podman forwards each through a `runc kill` child, and when the SIGTERM kills
+# that child podman stops forwarding for good. Seen on the test cluster: the trainer never heard the
+# preemption, trained on through the grace time, and its container outlived the job (conmon is not a
+# child of the step, so SLURM's kill does not reach it). Hence also: no --rm, the shell waits for the
+# container itself when the podman client dies first and exits with the container's status (75 asks
+# the batch shell for a requeue), and --replace ends a container a killed attempt of this job left.
+PODMAN_STEP = "; ".join([  # one line: the srun line of the batch script stays one line
+    'name="tla-${SLURM_JOB_ID:-0}-${SLURM_STEP_ID:-0}-${SLURM_PROCID:-0}"',
+    """tla_running() { [ "$(podman container inspect --format '{{.State.Running}}' "$name" 2>/dev/null)" = true ]; }""",
+    # (silent when the container has already ended)
+    'tla_send() { podman kill --signal "$1" "$name" >/dev/null 2>&1 || ! tla_running '
+    '|| echo "tla: could not send SIG$1 to container $name" >&2; }',
+    "trap 'tla_send TERM' TERM",
+    "trap 'tla_send USR2' USR2",
+    'podman run --name "$name" --replace "$@" & pid=$!',
+    'while :; do wait "$pid"; rc=$?; kill -0 "$pid" 2>/dev/null || break; done',
+    # the client gone (killed, or exited on a signal), the container may still run: wait for it
+    "while tla_running; do sleep 1 & wait $!; done",
+    """code=$(podman container inspect --format '{{.State.ExitCode}}' "$name" 2>/dev/null) && rc=$code""",
+    'podman rm --force "$name" >/dev/null 2>&1',
+    'exit "$rc"',
+])
+
+
 def step_python(container: ContainerSettings, mount_list: list[str]) -> str:
     """The "python" submitit puts on the srun line: the interpreter inside the container."""
     py = container.python
@@ -43,7 +70,7 @@ def step_python(container: ContainerSettings, mount_list: list[str]) -> str:
                  "--env", "TLA_HOST_REQUEUE=1", container.image, py]
         return shlex.join(parts)
     if container.runtime == "podman":
-        parts = ["podman", "run", "--rm", "--network=host", "--ipc=host", "--init"]
+        parts = ["bash", "-c", PODMAN_STEP, "tla-podman-step", "--network=host", "--ipc=host", "--init"]
         for m in mount_list:
             parts += ["-v", m]
         for var in PASS_ENV:
