@@ -16,9 +16,10 @@ docs/results-NAME.md and docs/NAME.png. `--recompute docs/NAME.json` recomputes 
 and the label-shift summary from the per-run numbers in that file alone.
 
     python benchmarks/ablation.py                      # `make ablation`: the regime of docs/results.md
-    python benchmarks/ablation.py --recompute docs/paired.json
+    python benchmarks/ablation.py --recompute docs/paired-h1.json
+    python benchmarks/ablation.py --name paired --model tla_swin_micro     # the three-head Swin
 
-Not part of the test suite (about an hour on 2 cores with the defaults).
+Not part of the test suite (about 35 minutes on 2 cores with the defaults).
 """
 
 from __future__ import annotations
@@ -70,10 +71,10 @@ def recompute(path: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", default="paired")
+    p.add_argument("--name", default="paired-h1")
     p.add_argument("--dataset", default="fashion-mnist", choices=("digits", "fashion-mnist"))
     p.add_argument("--per-class", type=int, default=300, help="fashion-mnist: train and val images per class")
-    p.add_argument("--model", default="tla_swin_micro", help="one model, or several, comma-separated")
+    p.add_argument("--model", default="tla_swin_micro_h1", help="one model, or several, comma-separated")
     p.add_argument("--img-size", default="32")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--seeds", default="0,1,2,3,4")

@@ -1,7 +1,7 @@
 #!/bin/bash
 # The paired TL-Align vs grid-CutMix comparison of docs/results.md on a GPU: the full Fashion-MNIST
-# (60,000 training images, 10,000 val), a ViT (tla_vit_micro) and a Swin (tla_swin_micro, where the
-# labels move most), 3 seeds per arm, 10 epochs, four runs at a time on one GPU, through `tla` itself
+# (60,000 training images, 10,000 val), the two small Swins (tla_swin_micro, and tla_swin_micro_h1 with
+# one head per block, where the labels move most; a ViT's barely move), 3 seeds per arm, 10 epochs, four runs at a time on one GPU, through `tla` itself
 # (one `tla submit sweep`, local executor), then `tla report --by-arm` and the label shift of every
 # TL-Align run. Written for one H100 in under 9 minutes; NOT YET RUN: no GPU was lent to the session
 # that wrote it, so that time is an estimate (12 runs x 10 epochs x 60,000 images at ~20,000 images/s
@@ -26,7 +26,7 @@ export TLA_RUNS=$OUT/runs
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 start=$SECONDS
 python3 benchmarks/ablation.py --name gpu-paired --dataset fashion-mnist --per-class 6000 \
-    --model tla_vit_micro,tla_swin_micro --img-size 32 --epochs 10 --seeds 0,1,2 \
+    --model tla_swin_micro,tla_swin_micro_h1 --img-size 32 --epochs 10 --seeds 0,1,2 \
     --arms grid-cutmix,tl-align --batch-size 256 --lr 2e-3 --parallel 4 --workers 3 \
     --recipe "--crop-scale 0.35 --warmup-epochs 1" --out "$OUT/docs" "$@"
 echo "gpu_ablation: $((SECONDS - start)) s"

@@ -323,3 +323,23 @@ def test_second_path_with_gpu_padding_equals_explicit(kind, monkeypatch):
     _, ls = propagate_labels(model, mix.images, labels, path="second")
     _, le = propagate_labels(model, mix.images, labels, path="explicit")
     assert ls.shape == le.shape and ls.shape[-1] == 3 and (ls - le).abs().max().item() < 1e-10
+
+
+def test_one_head_swin_is_the_micro_swin_with_one_head_per_block():
+    """tla_swin_micro_h1 (docs/results.md: where the labels move most) differs from tla_swin_micro in
+    its heads only, and TL-Align runs on it."""
+    from tla_jobs.train.models import build_model
+
+    three, one = build_model("tla_swin_micro", 10), build_model("tla_swin_micro_h1", 10)
+
+    def heads(model):
+        return [blk.attn.num_heads for layer in model.layers for blk in layer.blocks]
+
+    def shapes(model):  # the relative position bias tables have a row per head
+        return {k: v.shape for k, v in model.state_dict().items() if "relative_position_bias_table" not in k}
+
+    assert heads(three) == [3, 3, 3, 3, 6, 6] and heads(one) == [1] * 6
+    assert shapes(three) == shapes(one)
+    mix = token_cutmix(batch(32), 2, mode="elem", generator=torch.Generator().manual_seed(0))
+    _, w = aligned_forward(one.eval(), mix.images, mix.patch_weights)
+    assert w.shape == (4,) and 0 <= w.min() and w.max() <= 1

@@ -22,7 +22,7 @@ HIDDEN = {"step_delay"}
 # Help for the fields whose own description (config.py) is missing or too terse for --help.
 HELP = {
     "model": "timm model name (deit_tiny_patch16_224, deit_small_distilled_patch16_224, swin_tiny_patch4_window7_224, "
-             "or the small tla_vit_nano / tla_vit_micro / tla_swin_micro).",
+             "or the small tla_vit_nano / tla_vit_micro / tla_swin_micro / tla_swin_micro_h1).",
     "dataset": "imagefolder (DATA/train/CLASS/*, DATA/val/CLASS/*) or a bundled one: fashion-mnist, digits "
                "(prepared into --data-path on first use).",
     "tl_align": "Token-Label Alignment on (default) or off (DeiT's baseline: mixup 0.8 + CutMix 1.0, EMA on).",
