@@ -1,7 +1,8 @@
 #!/bin/bash
 # The paired TL-Align vs grid-CutMix comparison of docs/results.md on a GPU: the full Fashion-MNIST
 # (60,000 training images, 10,000 val), the two small Swins (tla_swin_micro, and tla_swin_micro_h1 with
-# one head per block, where the labels move most; a ViT's barely move), 3 seeds per arm, 10 epochs, four runs at a time on one GPU, through `tla` itself
+# one head per block, where the labels move most; a ViT's barely move), 3 seeds per arm, 10 epochs, four
+# runs at a time on one GPU, through `tla` itself
 # (one `tla submit sweep`, local executor), then `tla report --by-arm` and the label shift of every
 # TL-Align run. Written for one H100 in under 9 minutes; NOT YET RUN: no GPU was lent to the session
 # that wrote it, so that time is an estimate (12 runs x 10 epochs x 60,000 images at ~20,000 images/s
