@@ -422,8 +422,8 @@ def test_slurm_podman_step_is_requeued_by_the_host_shell_and_resumes(built_image
     steps, delay = ("16", "0.3") if how == "usr2-to-batch-shell" else ("45", "0.8")
     env = runs_env(tmp_path / "runs", **PODMAN_ENV, **cluster_env())
     out = tla(env, "submit", "train", "--name", "pod", "--cluster", "podman-e2e", *FAST, "--data-path", digits,
-              "--epochs", "1", "--max-steps", steps, "--step-delay", delay, "--checkpoint-every-min", "0",
-              "--json", cwd=ROOT, check=True).stdout
+              "--epochs", "1", "--max-steps", steps, "--step-delay", delay, "--step-delay-once",
+              "--checkpoint-every-min", "0", "--json", cwd=ROOT, check=True).stdout
     job = json.loads(out)["job_id"]
     run = env["runs"] / "pod"
 

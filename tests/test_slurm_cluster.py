@@ -153,7 +153,7 @@ while true; do sleep 0.2 & wait $!; done
     cluster.wait_for("first start", lambda: "start 0" in _marker_lines(marker), 120)
     cluster.run("scontrol", "requeue", job)
     cluster.wait_for("SIGTERM in the batch shell", lambda: "TERM" in _marker_lines(marker), 15)
-    # A requeued job waits ~AuthInfo cred_expire (10 s) before it may start again.
+    # A requeued job waits ~AuthInfo cred_expire (5 s) before it may start again.
     cluster.wait_for("second start", lambda: "start 1" in _marker_lines(marker), 120)
     assert cluster.job_field(job, "Restarts") == "1"
     assert cluster.job_field(job, "JobState") == "RUNNING"

@@ -122,9 +122,10 @@ def test_preemption_requeues_resumes_and_completes(env, digits, user_signal):
     tag = "us" if user_signal else "site"
     runs = {f"pre-{tag}-grace": "low", f"pre-{tag}-nograce": "lownograce"}
     # long enough (2 epochs of 0.4 s steps, 35 s or more) that neither run can finish before the
-    # preemption lands (the high job is queued as soon as both have made 5 steps), also on a loaded machine
-    jobs = {name: submit(env, name, "--partition", part, "--step-delay", "0.4", "--checkpoint-every-min", "0",
-                         digits=digits, epochs=2) for name, part in runs.items()}
+    # preemption lands (the high job is queued as soon as both have made 5 steps), also on a loaded
+    # machine; the attempt after the requeue runs at full speed (--step-delay-once)
+    jobs = {name: submit(env, name, "--partition", part, "--step-delay", "0.4", "--step-delay-once",
+                         "--checkpoint-every-min", "0", digits=digits, epochs=2) for name, part in runs.items()}
     for name in runs:
         wait_step(env, name, 5)
     hi = sh("sbatch", "--parsable", "-p", "high", "-N1", "-w", "n1", "-c", "4", "--wrap", "sleep 3").stdout.strip()
@@ -169,7 +170,8 @@ def test_requeue_and_usr2_checkpoint_and_resume(env, digits, how, tmp_path):
         tla(env, "train", *FAST, "--data-path", digits, "--epochs", "1", "--max-steps", str(base), "--output-dir",
             seed, check=True)
         extra = ["--resume", str(seed / "checkpoint_last.pth"), "--checkpoint-every-epochs", "1"]
-    job = submit(env, name, "--step-delay", "0.15", "--checkpoint-every-min", "0", *extra, digits=digits, epochs=2)
+    job = submit(env, name, "--step-delay", "0.15", "--step-delay-once", "--checkpoint-every-min", "0", *extra,
+                 digits=digits, epochs=2)
     wait_step(env, name, base + 5)
     if how == "scontrol-requeue":
         sh("scontrol", "requeue", job)  # SIGTERM, then SIGKILL after KillWait: the handler saves in time
@@ -208,9 +210,10 @@ def test_requeue_and_usr2_checkpoint_and_resume(env, digits, how, tmp_path):
 
 def test_time_limit_checkpoints_requeues_and_finishes(env, digits):
     # two-minute attempts, USR2 30 s before the limit (SLURM may send it up to a minute earlier, so
-    # an attempt trains for 20-80 s); 180 steps of at least 0.5 s each need two attempts or more
-    st_job = submit(env, "tl", "--time", "2", "--step-delay", "0.5", "--checkpoint-every-min", "0",
-                    digits=digits, epochs=4)
+    # an attempt trains for 20-80 s); 180 steps of at least 0.5 s each need two attempts or more (the
+    # attempts after the first requeue run at full speed: --step-delay-once)
+    st_job = submit(env, "tl", "--time", "2", "--step-delay", "0.5", "--step-delay-once", "--checkpoint-every-min",
+                    "0", digits=digits, epochs=4)
     st = wait_state(env, "tl", {"COMPLETED", "FAILED", "TIMEOUT"}, timeout=900)
     assert st["state"] == "COMPLETED", st
     assert len(st["attempts"]) >= 2
@@ -401,7 +404,8 @@ def test_node_failure_requeues_on_the_other_node_and_fences_the_old_attempt(env,
     crashed) and the node is marked DOWN: SLURM requeues the job on the other node. The old attempt
     must stop writing and exit once the new one owns the run; status pairs each attempt with the
     restart that ran it and calls the old one superseded, not killed."""
-    job = submit(env, "nodefail", "--step-delay", "0.3", "--checkpoint-every-min", "0", digits=digits, epochs=2)
+    job = submit(env, "nodefail", "--step-delay", "0.3", "--step-delay-once", "--checkpoint-every-min", "0",
+                 digits=digits, epochs=2)
     wait_step(env, "nodefail", 5)
     node = sh("squeue", "-h", "-j", job, "-o", "%N").stdout.strip()
     assert node in ("n1", "n2"), node

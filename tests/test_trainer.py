@@ -60,6 +60,15 @@ def test_recipe_defaults_follow_deit_and_tl_align():
     assert (base.mixup, base.cutmix, base.cutmix_grid, base.model_ema) == (0.8, 1.0, False, True)
 
 
+@pytest.mark.parametrize("once, restarts, expected", [(False, "0", 0.3), (False, "2", 0.3), (True, "0", 0.3),
+                                                      (True, "1", 0.0)])
+def test_step_delay_once_stops_after_slurm_requeued_the_job(monkeypatch, once, restarts, expected):
+    from tla_jobs.train.loop import step_delay
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
+    assert step_delay(TrainConfig(step_delay=0.3, step_delay_once=once)) == expected
+
+
 def test_baseline_batches_are_really_mixed():
     from tla_jobs.train.mixing import BatchMixer
 

@@ -125,6 +125,8 @@ class TrainConfig(BaseModel):
                         "project from WANDB_PROJECT, default tla; WANDB_MODE=offline on nodes without internet)")
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (smoke runs)")
     step_delay: float = Field(0.0, ge=0, description="sleep after each step (tests that must catch a run mid-epoch)")
+    step_delay_once: bool = Field(False, description="with --step-delay: sleep only until SLURM first requeues the "
+                                  "job (tests that stop a run once, then wait for it to finish)")
 
     @model_validator(mode="before")
     @classmethod

@@ -130,14 +130,15 @@ def fit(run: Run, p: Progress, resumed_from: dict | None, max_stalled_attempts: 
 def train_one_epoch(run: Run, p: Progress, clock: CheckClock, epoch_clock: EpochClock, lr: float) -> bool:
     """The epoch's remaining steps, with a check every few; True when --max-steps was reached."""
     cfg, steps_per_epoch = run.cfg, run.train.steps_per_epoch
+    delay = step_delay(cfg)
     run.models.net.train()
     for images, targets in run.train.epoch(p.epoch, p.step_in_epoch):
         run.step(images, targets, p.global_step)
         p.step_in_epoch += 1
         p.global_step += 1
         epoch_clock.stepped(p.step_in_epoch)
-        if cfg.step_delay:
-            time.sleep(cfg.step_delay)
+        if delay:
+            time.sleep(delay)
         limit = cfg.max_steps is not None and p.global_step >= cfg.max_steps
         end = p.step_in_epoch >= steps_per_epoch
         due = clock.checkpoint_due()
@@ -156,6 +157,14 @@ def train_one_epoch(run: Run, p: Progress, clock: CheckClock, epoch_clock: Epoch
         if limit:
             return True
     return False
+
+
+def step_delay(cfg: TrainConfig) -> float:
+    """--step-delay (a test knob); with --step-delay-once none once SLURM has requeued the job, so that a
+    test which stops a run once does not wait for the slowed steps of the attempts after."""
+    if cfg.step_delay_once and rundir.job_identity()["restart_count"] > 0:
+        return 0.0
+    return cfg.step_delay
 
 
 def check(run: Run, p: Progress, clock: CheckClock, due: bool) -> tuple[bool, bool]:
