@@ -441,8 +441,8 @@ def test_slurm_podman_step_is_requeued_by_the_host_shell_and_resumes(built_image
     wait_for(at_step_3, 600, every=1, what=lambda: "the step to reach step 3:\n" + tla_logs())
     high = None
     if how == "preemption":  # every CPU of n1, in the partition that preempts `low`
-        high = sh("sbatch", "--parsable", "-p", "high", "-N1", "-w", "n1", "-c", "4", "--wrap", "sleep 2",
-                  env=cluster_env()).stdout.strip()
+        high = sh("sbatch", "--parsable", "-o", "/dev/null", "-p", "high", "-N1", "-w", "n1", "-c", "4", "--wrap",
+                  "sleep 2", env=cluster_env()).stdout.strip()
     else:
         sh("scancel", "--batch", "--signal=USR2", job, env=cluster_env())  # as --signal=B:USR2@... does
     def ended() -> dict | None:

@@ -128,7 +128,8 @@ def test_preemption_requeues_resumes_and_completes(env, digits, user_signal):
                          "--checkpoint-every-min", "0", digits=digits, epochs=2) for name, part in runs.items()}
     for name in runs:
         wait_step(env, name, 5)
-    hi = sh("sbatch", "--parsable", "-p", "high", "-N1", "-w", "n1", "-c", "4", "--wrap", "sleep 3").stdout.strip()
+    hi = sh("sbatch", "--parsable", "-o", "/dev/null", "-p", "high", "-N1", "-w", "n1", "-c", "4", "--wrap",
+            "sleep 3").stdout.strip()
     try:
         for name, part in runs.items():
             st = wait_state(env, name, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400)
@@ -364,7 +365,7 @@ def test_a_dead_rank_fails_a_two_node_job_at_once(env, digits):
 def test_status_says_waiting_for_ranks(env, tmp_path):
     """Rank 0's heartbeat while the process group forms: status says so (a real running job, a real
     run directory)."""
-    job = sh("sbatch", "--parsable", "-p", "debug", "-c", "1", "--wrap", "sleep 900").stdout.strip()
+    job = sh("sbatch", "--parsable", "-o", "/dev/null", "-p", "debug", "-c", "1", "--wrap", "sleep 900").stdout.strip()
     try:
         # Other tests of the session may hold both nodes for minutes: wait for SLURM to start the job
         # before the heartbeat is written, so the heartbeat is fresh when status reads it.
