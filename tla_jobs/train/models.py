@@ -56,10 +56,10 @@ def tla_swin_micro(**kwargs) -> SwinTransformer:
 @register_model
 def tla_swin_micro_h1(**kwargs) -> SwinTransformer:
     """tla_swin_micro with one attention head per block (the same cost; only the relative-position
-    tables are smaller). TL-Align
-    propagates labels with the head-averaged attention; averaging heads that look at different places
-    flattens it, so with one head the labels move further from the area share: on clean Fashion-MNIST
-    val images about 0.06 after 12 CPU epochs against 0.04 with three heads (docs/results.md)."""
+    tables are smaller). TL-Align propagates labels with the head-averaged attention; averaging heads
+    that look at different places flattens it, so with one head the labels move further from the area
+    share: on clean Fashion-MNIST val images about 0.06 after 12 CPU epochs against 0.04 with three
+    heads (docs/results.md)."""
     return _build(SwinTransformer, dict(_SWIN_MICRO, num_heads=(1, 1, 1)), kwargs)
 
 
