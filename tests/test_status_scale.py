@@ -123,15 +123,20 @@ def test_bad_state_or_since_is_one_line(world):
 
 
 def _cached_form(run: Path) -> dict:
-    return json.loads((run / rundir.STATUS_CACHE).read_text().splitlines()[1])
+    return json.loads((run / rundir.STATUS_CACHE).read_text().splitlines()[2])  # signature, header, form, rest
 
 
-def _mark_cache(run: Path) -> None:
-    """Change what the cache says of the run (only there), to see whether `tla status` used it."""
+def _mark_cache(run: Path, sign: bool = True) -> None:
+    """Change what the cache says of the run (only there), to see whether `tla status` used it; signed
+    again with this user's key (as tla itself would write it) unless ``sign`` is False (a forgery)."""
+    from tla_jobs.jobs import signing
+
     lines = (run / rundir.STATUS_CACHE).read_text().splitlines()
-    form = json.loads(lines[1])
+    form = json.loads(lines[2])
     form["last_event"] = "told by the cache"
-    lines[1] = json.dumps(form)
+    lines[2] = json.dumps(form)
+    rest = ("\n".join(lines[1:]) + "\n").encode()
+    lines[0] = signing.sign(rest) if sign else lines[0]
     (run / rundir.STATUS_CACHE).write_text("\n".join(lines) + "\n")
 
 
@@ -143,6 +148,8 @@ def test_finished_run_s_status_is_cached_until_one_of_its_files_changes(tmp_path
     assert computed[0]["state"] == "COMPLETED"
     assert (run / rundir.STATUS_CACHE).is_file() and _cached_form(run)["state"] == "COMPLETED"
     assert listed(env, "done") == computed  # from the cache: the same status, field for field
+    _mark_cache(run, sign=False)  # edited by hand: not believed
+    assert listed(env, "done") == computed
     _mark_cache(run)
     assert listed(env, "done")[0]["last_event"] == "told by the cache"  # the cache is what was used
 

@@ -15,14 +15,16 @@ resume from when last and prev are missing or damaged (:func:`resume_target`, th
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
+import stat
 import time
 from pathlib import Path
 
 from tla_jobs import rundir
 from tla_jobs.errors import TlaError
-from tla_jobs.fsutil import read_json, read_jsonl
+from tla_jobs.fsutil import UnsafeFile, kind_of, read_json, read_jsonl, read_regular_text
 
 WHICH = {rundir.CHECKPOINT_LAST: "last", rundir.CHECKPOINT_PREV: "prev", rundir.CHECKPOINT_BEST: "best"}
 ORDER = {"last": 0, "prev": 1, "best": 2, "epoch": 3, "other": 4}
@@ -35,18 +37,43 @@ def sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def read_sidecar(path: Path) -> str | None:
-    """The digest recorded beside ``path``; None when the sidecar is missing, empty or unreadable."""
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def sidecar_checked(path: Path) -> tuple[str | None, str | None]:
+    """(digest, None) for a good sidecar of ``path``, (None, None) when there is none, and (None, what
+    is wrong) for one that is there but holds no digest: empty, binary, a directory, a FIFO, huge."""
+    name = sidecar(path).name
     try:
-        text = sidecar(path).read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return text.split()[0] if text else None
+        text = read_regular_text(sidecar(path), 4096)  # "DIGEST  NAME\n": a few dozen bytes
+    except FileNotFoundError:
+        return None, None
+    except UnsafeFile as exc:
+        return None, f"{name} is {exc.what}"
+    except UnicodeDecodeError:
+        return None, f"{name} is not text"
+    except OSError as exc:
+        return None, f"{name} is unreadable ({exc.strerror or exc})"
+    word = text.split()[0] if text.split() else ""
+    if not SHA256_RE.fullmatch(word):
+        return None, f"{name} holds no sha256 digest" if word else f"{name} is empty"
+    return word, None
+
+
+def read_sidecar(path: Path) -> str | None:
+    """The digest recorded beside ``path``; None when the sidecar is missing or damaged
+    (sidecar_checked says which)."""
+    return sidecar_checked(path)[0]
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 of a regular file (UnsafeFile for a FIFO or device, whose read would never end)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnsafeFile(path, kind_of(mode))
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -57,7 +84,7 @@ def is_good(path: Path) -> bool:
     expected = read_sidecar(path)
     try:
         return expected is not None and file_sha256(path) == expected
-    except OSError:
+    except (OSError, UnsafeFile):
         return False
 
 
@@ -134,14 +161,16 @@ def list_checkpoints(run_dir: str | Path, verify: bool = False) -> list[dict]:
             st = path.stat()
         except OSError:  # removed meanwhile
             continue
-        digest = read_sidecar(path)
+        digest, sidecar_problem = sidecar_checked(path)
         entry = log.get(digest) if digest else None
         kind = which(path.name)
         row = {"run": run_dir.name, "name": path.name, "path": str(path), "which": kind,
                "epoch": epoch_number(path.name) if kind == "epoch" else (entry or {}).get("epochs_done"),
                **{k: (entry or {}).get(k) for k in LOGGED}, "bytes": st.st_size, "mtime": st.st_mtime,
                "sha256": digest, "sidecar": digest is not None, "logged": entry is not None,
-               "verified": is_good(path) if verify and digest else None}
+               "sidecar_problem": sidecar_problem,  # a sidecar that is there but damaged: the file cannot be checked
+               "verified": (False if sidecar_problem or not stat.S_ISREG(st.st_mode) else is_good(path))
+               if verify and (digest or sidecar_problem) else None}
         rows.append(row)
     return sorted(rows, key=lambda r: (ORDER[r["which"]], -(r["epoch"] or 0) if r["which"] == "epoch" else 0,
                                        r["name"]))
@@ -154,7 +183,7 @@ def totals(rows: list[dict]) -> dict:
         "count": len(rows),
         "bytes": sum(r["bytes"] for r in rows),
         "damaged": sum(r["verified"] is False for r in rows),  # checked, and not what the sidecar says
-        "no_sidecar": sum(not r["sidecar"] for r in rows),
+        "no_sidecar": sum(not r["sidecar"] and not r.get("sidecar_problem") for r in rows),
     }
 
 
@@ -208,7 +237,10 @@ def pinned_by_evals(run_dir: Path, max_age_s: float = 7 * 86400) -> dict[str, st
         path = Path(e["checkpoint"])
         if path.parent != run_dir and path.parent.resolve() != run_dir.resolve():
             continue
-        if now - float(e.get("submitted") or 0) > max_age_s:
+        submitted = e.get("submitted")
+        if not isinstance(submitted, (int, float)) or isinstance(submitted, bool) or not math.isfinite(submitted):
+            submitted = 0  # a time run.json does not hold as a number: no pin can be proved for it
+        if now - submitted > max_age_s:
             continue
         if not (rundir.eval_dir(run_dir, str(e["eval_id"])) / rundir.EVAL).exists():
             out[path.name] = str(e["eval_id"])

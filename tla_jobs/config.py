@@ -123,6 +123,8 @@ class TrainConfig(BaseModel):
                               "tensorboard package: without it, one warning and none are written)")
     wandb: bool = Field(False, description="log the curves to Weights & Biases too (needs the wandb package; "
                         "project from WANDB_PROJECT, default tla; WANDB_MODE=offline on nodes without internet)")
+    extend: bool = Field(False, description="continue the run in --output-dir with another --epochs (every other "
+                         "option must be the run's own; the lr schedule is rebuilt for the new length)")
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (smoke runs)")
     step_delay: float = Field(0.0, ge=0, description="sleep after each step (tests that must catch a run mid-epoch)")
     step_delay_once: bool = Field(False, description="with --step-delay: sleep only until SLURM first requeues the "

@@ -78,8 +78,10 @@ def job_identity() -> dict:
 
 def append_event(path: str | Path, event: dict) -> None:
     """Append one JSON line; a single write() of a short line with O_APPEND does not interleave."""
+    from tla_jobs.fsutil import open_for_append
+
     line = json.dumps({"time": time.time(), **event}, default=str) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask decides, as for other files
+    fd = open_for_append(path)  # never through a link out of the run directory, never into a FIFO
     try:
         os.write(fd, line.encode())
         os.fsync(fd)

@@ -39,6 +39,8 @@ def _size(n: int) -> str:
 
 
 def _verified(row: dict) -> str:
+    if row.get("sidecar_problem"):
+        return f"DAMAGED ({row['sidecar_problem']})"
     if not row["sidecar"]:
         return "no sidecar"
     return {True: "ok", False: "DAMAGED", None: "not checked"}[row["verified"]]
@@ -91,7 +93,8 @@ def _list(runs, sweep, verify, as_json) -> None:
     else:
         _show(rows, per_run, overall)
     if overall["damaged"]:
-        raise ChecksFailed(f"{overall['damaged']} checkpoint(s) do not match their sha256 sidecar (marked DAMAGED)")
+        raise ChecksFailed(f"{overall['damaged']} checkpoint(s) do not match their sha256 sidecar, or their sidecar "
+                           "is damaged (marked DAMAGED)")
 
 
 @ckpt_app.command("prune")

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import submitit
 
+from tla_jobs.fsutil import open_for_append
+
 
 class DetachedLocalExecutor(submitit.LocalExecutor):
     def __init__(self, folder: Path, log: Path, env: dict[str, str] | None = None):
@@ -51,7 +53,7 @@ class DetachedLocalExecutor(submitit.LocalExecutor):
                "SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_WITH_SHELL": "",  # no setup lines: no shell
                "CUDA_VISIBLE_DEVICES": ",".join(str(k) for k in list(gpus)[:self.parameters.get("gpus_per_node", 0)])}
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as out:
+        with os.fdopen(open_for_append(self.log), "ab") as out:  # never through a link out of the run folder
             process = subprocess.Popen([sys.executable, "-m", "submitit.local._local", str(self.folder)], env=env,
                                        start_new_session=True, stdin=subprocess.DEVNULL, stdout=out,
                                        stderr=subprocess.STDOUT)

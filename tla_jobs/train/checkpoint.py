@@ -31,7 +31,7 @@ from tla_jobs.checkpoint_files import candidates, file_sha256
 from tla_jobs.errors import CheckpointError
 from tla_jobs.fsutil import _fsync_dir, read_jsonl, write_temp
 from tla_jobs.train import distributed as tdist
-from tla_jobs.train import rng
+from tla_jobs.train import recipe, rng
 from tla_jobs.train.progress import Progress
 from tla_jobs.train.step import Models, Optimization
 
@@ -143,12 +143,15 @@ def payload(meta: dict, models: Models, opt: Optimization, progress: dict, rng_s
     }
 
 
-def restore(payload: dict, path: Path, models: Models, opt: Optimization) -> None:
-    """Load every stateful piece; a checkpoint of another shape is one clear error."""
+def restore(payload: dict, path: Path, models: Models, opt: Optimization, extend: bool = False) -> None:
+    """Load every stateful piece; a checkpoint of another shape is one clear error. ``extend`` (--extend,
+    a run continued with other --epochs): the schedule is the one built for the new length (timm's
+    schedulers compute the lr from the epoch and step they are given; their state holds the old length)."""
     try:
         models.model.load_state_dict(payload["model"])
         opt.optimizer.load_state_dict(payload["optimizer"])
-        opt.scheduler.load_state_dict(payload["scheduler"])
+        if not extend:
+            opt.scheduler.load_state_dict(payload["scheduler"])
         if payload.get("scaler"):
             opt.backward.load_state_dict(payload["scaler"])
         if models.ema is not None and payload.get("ema"):
@@ -227,6 +230,9 @@ def find(cfg, num_classes: int, out: Path | None) -> tuple[dict, str, Path] | No
     if found is not None:
         data, _, path = found
         check_fits(f"checkpoint {path}", data.get("model_name"), data.get("num_classes"), cfg, num_classes)
+        if not cfg.eval_only and out is not None and path.parent == out and isinstance(data.get("config"), dict):
+            # continuing this folder's own run: only under the recipe its checkpoint was made with
+            recipe.refuse_other_recipe(cfg.model_dump(), data["config"], out, path.name)
     return found
 
 
@@ -244,7 +250,7 @@ def resume(run: Run) -> tuple[Progress, dict | None]:
     if found is None:
         return Progress(), None
     data, digest, path = found
-    restore(data, path, run.models, run.opt)
+    restore(data, path, run.models, run.opt, extend=run.cfg.extend)
     p = Progress.from_payload(data)
     states, info = data["rng"], run.info
     if len(states) == info.world_size:

@@ -29,7 +29,7 @@ from tla_jobs.config import TrainConfig
 from tla_jobs.errors import TlaError
 from tla_jobs.train import checkpoint as ckpt
 from tla_jobs.train import distributed as tdist
-from tla_jobs.train import setup, signals
+from tla_jobs.train import recipe, setup, signals
 from tla_jobs.train.curves import Curves
 from tla_jobs.train.evaluate import evaluate, evaluate_checkpoint
 from tla_jobs.train.progress import CheckClock, EpochClock, Progress
@@ -58,6 +58,8 @@ def train(cfg: TrainConfig, max_stalled_attempts: int = 0) -> dict:
     os.environ.setdefault("PYTHONHASHSEED", "0")
     data, num_classes, model = setup.preflight(cfg)
     out = setup.output_dir(cfg)
+    if not cfg.eval_only:
+        recipe.check_folder(cfg.model_dump(), out)  # before this attempt writes anything into the folder
     world = tdist.expected_world_size()
     if world > 1 and int(os.environ.get("RANK", "0")) == 0 and not cfg.eval_only:
         waiting_for_ranks(out, world)

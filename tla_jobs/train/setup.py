@@ -5,6 +5,7 @@ EMA, mixed precision, the training module, batches on the device) into one :clas
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from tla_jobs.data.folders import check_image_folder
 from tla_jobs.data.loaders import eval_loader, train_batches
 from tla_jobs.data.prepare import prepare
 from tla_jobs.errors import CheckpointError, DataError, TlaError
+from tla_jobs.fsutil import open_for_append
 from tla_jobs.train import distributed as tdist
 from tla_jobs.train import throughput
 from tla_jobs.train.curves import Curves, check_wandb
@@ -45,7 +47,9 @@ def setup_logging(out: Path, rank: int) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
         h.close()
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(out / rundir.LOG_PATTERN.format(rank=rank))):
+    # the rank's log is opened by fsutil (never through a link out of the run directory, never a FIFO)
+    log = os.fdopen(open_for_append(out / rundir.LOG_PATTERN.format(rank=rank)), "a", buffering=1)
+    for handler in (logging.StreamHandler(sys.stderr), logging.StreamHandler(log)):
         handler.setFormatter(fmt)
         root.addHandler(handler)
     root.propagate = False
