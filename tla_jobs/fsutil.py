@@ -69,6 +69,28 @@ def read_regular(path: str | Path, limit: int = MAX_TEXT) -> bytes:
         os.close(fd)
 
 
+def read_tail(path: str | Path, limit: int) -> bytes:
+    """At most the last ``limit`` bytes of a regular file (a log: what matters is at its end; a 4 GB
+    log or one linked to /dev/zero must not take a `tla logs` down). UnsafeFile for a non-regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFile(path, kind_of(st.st_mode))
+        start = max(0, st.st_size - limit)
+        chunks, total = [], 0
+        while total < limit:
+            chunk = os.pread(fd, min(1 << 20, limit - total), start + total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        data = b"".join(chunks)
+        return data.split(b"\n", 1)[-1] if start and b"\n" in data else data  # no cut first line
+    finally:
+        os.close(fd)
+
+
 def read_regular_text(path: str | Path, limit: int = MAX_TEXT) -> str:
     """read_regular as UTF-8 text (UnicodeDecodeError for a binary file)."""
     return read_regular(path, limit).decode("utf-8")
@@ -167,11 +189,17 @@ def write_temp(folder: Path, data: bytes, prefix: str, target: Path | None = Non
     return Path(tmp)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, replace: bool = True) -> None:
+    """Write ``path`` whole or not at all. ``replace=False``: FileExistsError when ``path`` exists, also
+    when another process creates it meanwhile (the file is linked into place, which never replaces)."""
     path = Path(path)
     tmp = write_temp(path.parent, data, f".{path.name}.", target=path)
     try:
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

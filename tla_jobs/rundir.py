@@ -13,6 +13,8 @@ import socket
 import time
 from pathlib import Path
 
+from tla_jobs import procs
+
 RUN_JSON = "run.json"  # spec, profile, code version, submissions (written by `tla`)
 METRICS = "metrics.jsonl"  # one line per finished epoch (rewritten from the checkpoint on resume)
 HEARTBEAT = "heartbeat.json"  # the trainer's latest position, updated while it runs
@@ -72,6 +74,7 @@ def job_identity() -> dict:
         "restart_count": int(env.get("SLURM_RESTART_COUNT", "0") or 0),
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        **procs.identity(os.getpid()),  # what proves later that a process with this PID is this one
         "executor": "slurm" if env.get("SLURM_JOB_ID") else ("local" if env.get("SUBMITIT_LOCAL_JOB_ID") else "shell"),
     }
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tla_jobs.cli.root import app, guard
@@ -52,11 +53,11 @@ def _show(rows: list[dict], per_run: dict[str, dict], overall: dict) -> None:
         table.add_column(col, justify="right" if col in ("epoch", "acc1", "acc5", "size") else "left")
     for r in rows:
         which = f"epoch {r['epoch']}" if r["which"] == "epoch" else r["which"]
-        table.add_row(r["run"], which, fmt(r["epoch"], "d"), fmt(r["acc1"]), fmt(r["acc5"]),
-                      "yes" if r["ema"] else "", _size(r["bytes"]), _verified(r), r["path"])
+        table.add_row(escape(r["run"]), which, fmt(r["epoch"], "d"), fmt(r["acc1"]), fmt(r["acc5"]),
+                      "yes" if r["ema"] else "", _size(r["bytes"]), escape(_verified(r)), escape(r["path"]))
     console.print(table)
     for run, t in per_run.items():
-        console.print(f"{run}: {t['count']} checkpoint(s), {_size(t['bytes'])}")
+        console.print(f"{run}: {t['count']} checkpoint(s), {_size(t['bytes'])}", markup=False)
     console.print(f"total: {overall['count']} checkpoint(s) in {len(per_run)} run(s), {_size(overall['bytes'])}")
 
 
@@ -125,6 +126,7 @@ def prune(
         console.print(f"{verb} {Path(r['path']).name} (epoch {r['epoch']}, acc1 {fmt(r['acc1'])}, "
                       f"{_size(r['bytes'])})")
     for name, eval_id in out["pinned"].items():
-        console.print(f"kept {name}: eval {eval_id} has yet to read it")
+        console.print(f"kept {name}: eval {eval_id} has yet to read it", markup=False)
     console.print(f"{out['run']}: {verb} {len(out['removed'])} checkpoint(s), {_size(out['bytes'])}; "
-                  f"kept {len(out['kept'])}" + (f" (resume from {out['resume']})" if out["resume"] else ""))
+                  f"kept {len(out['kept'])}" + (f" (resume from {out['resume']})" if out["resume"] else ""),
+                  markup=False)

@@ -94,6 +94,8 @@ def cluster_check(
 ) -> None:
     """Is the profile valid, and does the cluster answer (sinfo, sacct, partition limits, image,
     shared folders writable)?"""
+    from rich.markup import escape
+
     from tla_jobs.errors import ChecksFailed
     from tla_jobs.jobs import profiles, records, slurm
     from tla_jobs.jobs.plan import Check
@@ -108,7 +110,7 @@ def cluster_check(
         typer.echo(json.dumps([vars(c) for c in checks]))
     else:
         for c in checks:
-            console.print(f"  {c.label}  {c.name}: {c.detail}", highlight=False)
+            console.print(f"  {c.label}  {escape(c.name)}: {escape(c.detail)}", highlight=False)
     failed = [c.name for c in checks if not c.ok]
     if failed:  # exit code 3, as for every check that finds a problem (errors.py)
         raise ChecksFailed(f"{len(failed)} of {len(checks)} checks failed: {', '.join(failed)}")

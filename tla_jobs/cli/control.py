@@ -40,4 +40,4 @@ def send_signal(
     from tla_jobs.jobs import control
 
     run_dir, job = control.signal(run, sig)
-    console.print(f"sent SIG{sig} to {run_dir.name} (job {job})")
+    console.print(f"sent SIG{sig} to {run_dir.name} (job {job})", markup=False)

@@ -40,4 +40,4 @@ def eval_checkpoint(
     else:
         dep = f" after job {entry['dependency'].split(':')[1]}" if entry["dependency"] else ""
         console.print(f"submitted eval of {entry['which']} ({Path(entry['checkpoint']).name}, {entry['weights']} "
-                      f"weights) for run {run_dir.name} as job {entry['job_id']}{dep}")
+                      f"weights) for run {run_dir.name} as job {entry['job_id']}{dep}", markup=False)

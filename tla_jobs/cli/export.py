@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -32,6 +33,23 @@ def _check_out(out: Path, fmt: str | None, force: bool) -> str:
     return by_name
 
 
+def _refuse_run_files(out: Path, source: Path) -> None:
+    """An export never replaces what training needs: the checkpoint it reads, any checkpoint (a file
+    with a sha256 sidecar), nor a checkpoint's name in a run folder, with or without --force."""
+    from tla_jobs import rundir
+    from tla_jobs.checkpoint_files import sidecar
+
+    target = Path(os.path.realpath(out))
+    if target == Path(os.path.realpath(source)):
+        raise TlaError(f"{out} is the checkpoint being exported: give another file name")
+    folder = target.parent
+    in_run = any(os.path.lexists(folder / n) for n in (rundir.RUN_JSON, rundir.CONFIG_YAML, rundir.CHECKPOINT_LOG,
+                                                       rundir.ATTEMPTS))
+    if os.path.lexists(sidecar(target)) or (in_run and target.name.startswith("checkpoint_")):
+        raise TlaError(f"{out} is a training checkpoint of a run (its optimizer and resume state would be lost): "
+                       "export to another file name")
+
+
 @app.command("export")
 @guard
 def export_command(
@@ -45,13 +63,18 @@ def export_command(
 ) -> None:
     """Write one set of weights (no optimizer state) with the model name, class names, input size,
     mean/std and crop as metadata: a file plain timm loads, without tla installed."""
+    from tla_jobs.fsutil import locked
     from tla_jobs.jobs.artifacts import locate
 
     fmt = _check_out(out, fmt, force)
     src = locate(target, which, default="best")
+    _refuse_run_files(out, src.path)
     from tla_jobs.train.export import export, load_line  # torch and timm: only now
 
-    meta = export(src.path, out, weights=src.weights, fmt=fmt)
+    lock = src.run_dir / "export" if src.run_dir else src.path.with_name(f".{src.path.name}.export")
+    with locked(lock, wait=False, busy=f"another `tla export` of {src.run_dir.name if src.run_dir else src.path} "
+                                       "is running; try again when it has finished"):
+        meta = export(src.path, out, weights=src.weights, fmt=fmt, force=force)
     line = load_line(meta, str(out))
     if as_json:
         typer.echo(json.dumps({"out": str(out.resolve()), "format": fmt, "bytes": out.stat().st_size,

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tla_jobs.cli.root import app, guard
@@ -68,12 +69,12 @@ def report(
         text = "\n".join(R.as_markdown(t) for t in tables)
         if fmt == "table":
             for i, rows in enumerate(tables):
-                t = Table(title=None if i == 0 else f"paired against {against} (same model and seed), {metric}")
+                t = Table(title=None if i == 0 else escape(f"paired against {against} (same model and seed), {metric}"))
                 cols = list(rows[0].keys()) if rows else R.COLUMNS
                 for c in cols:
-                    t.add_column(c)
+                    t.add_column(escape(c))
                 for r in rows:
-                    t.add_row(*[R.fmt(r[c]) for c in cols])
+                    t.add_row(*[escape(R.fmt(r[c])) for c in cols])  # run names, models, arms: text, not markup
                 console.print(t)
         else:
             sys.stdout.write(text)
@@ -86,7 +87,7 @@ def report(
         atomic_write_text(output, text)
     if plot:
         out = R.plot(statuses, plot, by_arm=by_arm)
-        console.print(f"plot: {out.resolve()}")
+        console.print(f"plot: {escape(str(out.resolve()))}", highlight=False)
     refuse_damage(statuses)
 
 

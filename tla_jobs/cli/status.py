@@ -58,7 +58,7 @@ def _table(statuses) -> Table:
         cells = dict(zip(cols, [name, f"[{style}]{state}[/]" if style else state,
                                 f"{len(st.attempts)}/{st.max_attempts}", f"{st.epoch}/{st.spec.get('epochs', '?')}",
                                 fmt(st.best_acc1), fmt(st.last_acc1), eta(st.eta_s()), evals,
-                                f"{st.gpu_hours:.2f}", st.source, escape(event)]))
+                                f"{st.gpu_hours:.2f}", escape(st.source), escape(event)]))
         t.add_row(*(cells[c] for c in keep))
     return t
 
@@ -73,10 +73,10 @@ def _detail(st) -> None:
         console.print(f"EMA weights: best_acc1 {fmt(ema.get('ema_acc1'))} (epoch {ema.get('epoch')}), "
                       f"last_acc1 {fmt(last)}", highlight=False)
     for problem in st.problems:
-        console.print(f"[red]damaged[/]: {escape(problem)} (in {st.path})", highlight=False)
+        console.print(f"[red]damaged[/]: {escape(problem)} (in {escape(str(st.path))})", highlight=False)
     if st.state == "DAMAGED":
         return
-    t = Table(title=f"attempts of {st.name}")
+    t = Table(title=f"attempts of {escape(st.name)}")
     for col in ("#", "job", "restart", "host", "started", "checkpoint loaded", "ended because", "epoch reached",
                 "step"):
         t.add_column(col)
@@ -84,46 +84,47 @@ def _detail(st) -> None:
         s, e = a["start"], a["end"] or {}
         res = s.get("resumed_from") or {}
         loaded = f"{Path(res['path']).name} (epoch {res.get('epoch')}, step {res.get('step')})" if res else "-"
-        t.add_row(str(i), str(s.get("job_id", "")), str(a.get("restart_count", s.get("restart_count", ""))),
-                  str(s.get("host", "")), time.strftime("%m-%d %H:%M:%S", time.localtime(s.get("time", 0))), loaded,
-                  escape(str(a.get("outcome") or e.get("reason", "-"))),
-                  str(e.get("epoch", "-")), str(e.get("global_step", "-")))
+        t.add_row(*(escape(str(v)) for v in (  # every cell from attempts.jsonl is text, never markup
+            i, s.get("job_id", ""), a.get("restart_count", s.get("restart_count", "")), s.get("host", ""),
+            time.strftime("%m-%d %H:%M:%S", time.localtime(s.get("time", 0))), loaded,
+            a.get("outcome") or e.get("reason", "-"), e.get("epoch", "-"), e.get("global_step", "-"))))
     console.print(t)
     if st.evals:
-        ev_table = Table(title=f"eval jobs of {st.name}")
+        ev_table = Table(title=f"eval jobs of {escape(st.name)}")
         for col in ("eval", "job", "which", "checkpoint", "epoch", "sha256", "state", "acc1", "acc5", "error"):
             ev_table.add_column(col, no_wrap=col in ("eval", "which", "sha256"))
         for ev in st.evals:
             state = f"[{STYLE.get(ev.state, '')}]{ev.state}[/]" if STYLE.get(ev.state) else ev.state
             which = ev.which + (" (EMA)" if ev.weights == "ema" and ev.which != "ema" else "")
-            ev_table.add_row(escape(ev.eval_id), ev.job_id, escape(which), escape(Path(ev.checkpoint).name),
+            ev_table.add_row(escape(ev.eval_id), escape(ev.job_id), escape(which), escape(Path(ev.checkpoint).name),
                              "-" if ev.epoch is None else str(ev.epoch), (ev.sha256 or "-")[:12], state,
                              fmt(ev.acc1), fmt(ev.acc5), escape(ev.error or "-"))
         console.print(ev_table)
     if st.jobs:
-        j = Table(title=f"scheduler records ({st.source})")
+        j = Table(title=f"scheduler records ({escape(st.source)})")
         for col in ("job", "state", "exit", "start", "end", "elapsed", "GPUs", "nodes", "reason"):
             j.add_column(col)
         for r in st.jobs:
-            j.add_row(r.job_id, r.state, r.exit_code, r.start, r.end, str(r.elapsed_s), str(r.gpus), r.nodes,
-                      r.reason)
+            j.add_row(*(escape(str(v)) for v in (r.job_id, r.state, r.exit_code, r.start, r.end, r.elapsed_s, r.gpus,
+                                                 r.nodes, r.reason)))
         console.print(j)
     if st.heartbeat and st.heartbeat.get("phase") == "waiting for ranks":
         hb = st.heartbeat
         console.print(f"heartbeat {time.time() - hb.get('time', 0):.0f}s ago: rank 0 on {hb.get('host')} (job "
-                      f"{hb.get('job_id')}) is waiting for ranks: {hb.get('world_size')} expected", highlight=False)
+                      f"{hb.get('job_id')}) is waiting for ranks: {hb.get('world_size')} expected", highlight=False,
+                      markup=False)
     elif st.heartbeat:
         hb = st.heartbeat
         age = time.time() - hb.get("time", 0)
         console.print(f"heartbeat {age:.0f}s ago: {hb.get('phase')} epoch {hb.get('epoch')}/{hb.get('epochs')} "
                       f"step {hb.get('step')}/{hb.get('steps_per_epoch')} on {hb.get('host')} "
                       f"(job {hb.get('job_id')}), loss {hb.get('train_loss', 0):.4f}, "
-                      f"{throughput(hb)}", highlight=False)
+                      f"{throughput(hb)}", highlight=False, markup=False)
     last = st.metrics[-1] if st.metrics else None
     if last and last.get("images_per_s"):
         console.print(f"last epoch ({last.get('epoch', 0) + 1}): {throughput(last)}"
                       + (f", mean |w - λ| {last['w_shift']:.3f}" if last.get("w_shift") is not None else ""),
-                      highlight=False)
+                      highlight=False, markup=False)
 
 
 @app.command("status")
@@ -313,17 +314,18 @@ def follow_run(run_dir: Path) -> int:
                            info=f"best_acc1 {fmt(st.best_acc1)}  last_acc1 {fmt(st.last_acc1)}")
                 total = hb.get("steps_per_epoch")
                 if hb.get("phase") == "training" and hb.get("step", 0) > 0:
-                    info = (f"{hb.get('phase')} loss {hb.get('train_loss', 0):.3f}  "
-                            f"{throughput(hb)}  [{st.state}]")
+                    info = escape(f"{hb.get('phase')} loss {hb.get('train_loss', 0):.3f}  "
+                                  f"{throughput(hb)}  [{st.state}]")
                 else:  # evaluating, finished, stopped: no step-level figures to show
-                    info = f"{hb.get('phase')}  [{st.state}]"
+                    info = escape(f"{hb.get('phase')}  [{st.state}]")
                 done = total if hb.get("phase") == "finished" else hb.get("step", 0)
                 bar.update(steps, completed=done, total=total, info=info)
             if st.state in FINAL:
                 break
             time.sleep(1)
     color = STYLE.get(st.state, "")
-    console.print(f"{st.name}: [{color}]{st.state}[/]  best_acc1 {fmt(st.best_acc1)}  ({st.last_event})")
+    console.print(f"{escape(st.name)}: [{color}]{st.state}[/]  best_acc1 {fmt(st.best_acc1)}  "
+                  f"({escape(st.last_event)})")
     return 0 if st.state == "COMPLETED" else 1
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tla_jobs.cli.options import with_resource_options, with_train_options
 from tla_jobs.cli.root import app, flag_name, guard
@@ -39,13 +40,14 @@ def _show_plan(plan) -> None:
     stderr), so a dry run can gate a script."""
     from tla_jobs.jobs.submit import render
 
-    console.rule(f"[bold]dry run: {plan.name}[/] ({plan.profile.executor}, profile {plan.profile.name})")
-    console.print(f"run directory: {plan.run_dir}")
+    console.rule(f"[bold]dry run: {escape(plan.name)}[/] ({plan.profile.executor}, "
+                 f"profile {escape(plan.profile.name)})")
+    console.print(f"run directory: {plan.run_dir}", markup=False)
     console.print("[bold]script[/]")
     console.print(render(plan), markup=False, highlight=False, soft_wrap=True)
     console.print("[bold]preflight[/]")
     for c in plan.checks:
-        console.print(f"  {c.label}  {c.name}: {c.detail}", highlight=False)
+        console.print(f"  {c.label}  {escape(c.name)}: {escape(c.detail)}", highlight=False)
 
 
 def _announce(entry: dict, as_json: bool, follow: bool, run_dir: Path, text: str) -> None:
@@ -91,7 +93,7 @@ def submit_train(
         return
     entry = submit_new_run(plan)
     _announce({"run": name, "run_dir": str(plan.run_dir), **entry}, as_json, follow, plan.run_dir,
-              f"submitted [bold]{name}[/] as {profile.executor} job {entry['job_id']}  ({plan.run_dir})")
+              f"submitted [bold]{name}[/] as {profile.executor} job {entry['job_id']}  ({escape(str(plan.run_dir))})")
 
 
 @submit_app.command("sweep")

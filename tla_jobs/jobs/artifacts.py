@@ -16,6 +16,7 @@ from pathlib import Path
 from tla_jobs import checkpoint_files as checkpoints
 from tla_jobs import rundir
 from tla_jobs.errors import TlaError
+from tla_jobs.fsutil import read_jsonl
 from tla_jobs.jobs import records
 
 EXPORT_FORMAT = "tla-export/1"  # tla_jobs.train.export.FORMAT, without importing torch
@@ -48,11 +49,23 @@ def _run_of(path: Path) -> Path | None:
     return folder if (folder / rundir.RUN_JSON).is_file() else None
 
 
+def _holds_run(path: Path) -> bool:
+    """A folder that holds a run: a submitted one (run.json) or a `tla train --output-dir` (its config.yaml,
+    written at the start, or its checkpoints)."""
+    return path.is_dir() and any((path / n).exists() for n in (rundir.RUN_JSON, rundir.CONFIG_YAML,
+                                                                rundir.CHECKPOINT_LAST))
+
+
 def as_run(target: str) -> Path:
-    """A run by name, or a folder that holds a run (run.json) or a `tla train --output-dir` (checkpoints)."""
+    """A run by name (under a runs root, submitted or trained there with `tla train --output-dir`), or a
+    folder that holds one."""
     path = Path(target).expanduser()
-    if path.is_dir() and ((path / rundir.RUN_JSON).is_file() or (path / rundir.CHECKPOINT_LAST).exists()):
+    if _holds_run(path):
         return path.resolve()
+    if records.NAME_RE.fullmatch(target) and ".." not in target:
+        for root in records.roots():
+            if _holds_run(root / target) and not (root / target / rundir.RUN_JSON).exists():
+                return root / target  # a `tla train` folder by its name (a submitted run: records.resolve below)
     return records.resolve(target)
 
 
@@ -95,8 +108,22 @@ def _file(path: Path, which: str | None, exports: bool) -> Weights:
         return Weights(path, which or "model", which or label(path.name), _run_of(path), checkpoints.read_sidecar(path))
     if which == "ema" and meta.get("weights") != "ema":
         raise TlaError(f"{path.name} holds the model's weights, not EMA ones (`tla export --which ema` writes those)")
-    return Weights(path, "model", "export", _run_of(Path(meta.get("source_checkpoint", ""))),
-                   checkpoints.file_sha256(path), meta)
+    return Weights(path, "model", "export", _source_run(meta), checkpoints.file_sha256(path), meta)
+
+
+def _source_run(meta: dict) -> Path | None:
+    """The run an export was made from, only as far as the run's own records show it: the metadata
+    names a checkpoint of a run directory and the sha256 it was made from, and that run logged a
+    checkpoint with that sha256 (checkpoints.jsonl). Metadata anyone can write into a file must not
+    file an eval's result in another run's record. None when it cannot be shown."""
+    source, digest = meta.get("source_checkpoint"), meta.get("source_sha256")
+    if not isinstance(source, str) or not source or not isinstance(digest, str):
+        return None
+    run = _run_of(Path(source))
+    if run is None:
+        return None
+    logged = {row.get("sha256") for row in read_jsonl(run / rundir.CHECKPOINT_LOG)}
+    return run if digest in logged else None
 
 
 def locate(target: str, which: str | None, exports: bool = False, default: str = "last",

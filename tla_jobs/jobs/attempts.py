@@ -48,7 +48,12 @@ def pair(st, view: SchedulerView, subs: list[dict]) -> None:
     own end record; else what the scheduler says of that restart; an attempt that a later one took
     over from (a requeue after a node failure) is superseded, never "killed"."""
     execs = {job_of(s): s.get("executor") for s in subs}
-    for i, a in enumerate(st.attempts):
+    attempts = st.attempts
+    # whether any attempt after the i-th has an id, for every i at once (linear: runs with 100,000 attempts)
+    later_has_id = [False] * (len(attempts) + 1)
+    for i in range(len(attempts) - 1, -1, -1):
+        later_has_id[i] = later_has_id[i + 1] or bool(attempts[i]["start"].get("attempt_id"))
+    for i, a in enumerate(attempts):
         s, e = a["start"], a["end"]
         job = str(s.get("job_id", ""))
         try:
@@ -59,11 +64,11 @@ def pair(st, view: SchedulerView, subs: list[dict]) -> None:
         rec = recs[restart] if restart < len(recs) else None
         a["job"] = vars(rec) if rec else None
         a["restart_count"] = restart
-        later = st.attempts[i + 1:]
+        later = i + 1 < len(attempts)
         if e is not None:
             a["outcome"] = str(e.get("reason"))
-        elif later and s.get("attempt_id") and any(x["start"].get("attempt_id") for x in later):
-            nxt = later[0]["start"]
+        elif later and s.get("attempt_id") and later_has_id[i + 1]:
+            nxt = attempts[i + 1]["start"]
             why = f" after {rec.state}" if rec and rec.state in FINAL_BAD else ""
             a["outcome"] = (f"superseded{why} by the attempt of job {nxt.get('job_id')} "
                             f"restart {nxt.get('restart_count', 0)}")
@@ -82,6 +87,9 @@ def gpu_hours(st, view: SchedulerView, subs: list[dict]) -> float:
     the trainer's own attempt records (start to end, or to the heartbeat while it runs)."""
     total = 0.0
     gpus = {job_of(s): _gpus_of(s) for s in subs}
+    by_job: dict[str, list[dict]] = {}
+    for a in st.attempts:
+        by_job.setdefault(str(a["start"].get("job_id", "")), []).append(a)
     for sub in subs:
         job = job_of(sub)
         recs = view.jobs.get(job, []) if sub.get("executor") == "slurm" else []
@@ -89,9 +97,7 @@ def gpu_hours(st, view: SchedulerView, subs: list[dict]) -> float:
             total += sum(r.elapsed_s * (r.gpus or gpus[job]) for r in recs)
             continue
         seconds = 0.0
-        for a in st.attempts:
-            if str(a["start"].get("job_id", "")) != job:
-                continue
+        for a in by_job.pop(job, []):  # each job's attempts once, however often it was submitted
             t0 = a["start"].get("time") or 0
             t1 = (a["end"] or {}).get("time")
             if t1 is None:

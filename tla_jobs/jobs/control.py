@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from tla_jobs.errors import TlaError
+from tla_jobs.fsutil import locked
 from tla_jobs.jobs import damage, local, profiles, records, slurm
 from tla_jobs.jobs.plan import Plan, apply_overrides
 from tla_jobs.jobs.scheduler import ACTIVE, SchedulerView
@@ -91,15 +92,19 @@ def resume(run: str, cluster: str | None = None, **overrides) -> tuple[Path, dic
     from tla_jobs.jobs.submit import submit_train
 
     run_dir = records.resolve(run)
-    record = records.load(run_dir)
-    st = collect([run_dir])[0]
-    if st.state in ACTIVE:
-        raise TlaError(f"run {run_dir.name} is {st.state}; `tla cancel {run_dir.name}` first")
-    base = profiles.load(cluster) if cluster else profiles.Profile.model_validate(record["profile"])
-    profile = apply_overrides(base, **overrides)
-    plan = Plan(run_dir.name, run_dir, profile, [{**record["spec"], "resume": ""}])
-    records.update(run_dir, lambda r: (r.update(profile=profile.model_dump(), cancelled=False)))
-    return run_dir, submit_train(plan, reason="resume")
+    # one resume of a run at a time: a second `tla resume` while the first is submitting would see the
+    # run not yet live and queue a second job training into the same folder
+    with locked(run_dir / "resume", wait=False, busy=f"another `tla resume {run_dir.name}` is submitting it; "
+                                                     "see `tla status` once it has"):
+        record = records.load(run_dir)
+        st = collect([run_dir])[0]
+        if st.state in ACTIVE:
+            raise TlaError(f"run {run_dir.name} is {st.state}; `tla cancel {run_dir.name}` first")
+        base = profiles.load(cluster) if cluster else profiles.Profile.model_validate(record["profile"])
+        profile = apply_overrides(base, **overrides)
+        plan = Plan(run_dir.name, run_dir, profile, [{**record["spec"], "resume": ""}])
+        records.update(run_dir, lambda r: (r.update(profile=profile.model_dump(), cancelled=False)))
+        return run_dir, submit_train(plan, reason="resume")
 
 
 def signal(run: str, sig: str) -> tuple[Path, str]:
@@ -115,5 +120,6 @@ def signal(run: str, sig: str) -> tuple[Path, str]:
     if latest["executor"] == "slurm":
         slurm.scancel([latest["job_id"]], signal=sig)
     else:
-        local.signal_trainer(run_dir, damage.heartbeat(run_dir)[0] or {}, sig)  # a damaged heartbeat is no live one
+        local.signal_trainer(run_dir, damage.heartbeat(run_dir)[0] or {}, sig,  # a damaged heartbeat is no live one
+                             local.folder_of(latest, run_dir))
     return run_dir, str(latest["job_id"])

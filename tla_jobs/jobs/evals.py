@@ -39,8 +39,11 @@ def _weights(target: str, which: str | None) -> artifacts.Weights:
     """The weights to evaluate, in a run that can hold the result."""
     src = artifacts.locate(target, which, exports=True, missing_ok=True)
     if src.run_dir is None:
-        where = f"its source checkpoint {src.export.get('source_checkpoint')}" if src.export else src.path
-        raise TlaError(f"{where} is not inside a tla run directory (no run.json beside it); the eval's result "
+        if src.export:
+            named = src.export.get("source_checkpoint")
+            raise TlaError(f"{src.path.name}'s metadata names source checkpoint {named!r}, which no run's "
+                           "checkpoints.jsonl records with its sha256: its eval cannot be kept with a run; evaluate the run's checkpoint instead (tla eval checkpoint RUN --which ...)")
+        raise TlaError(f"{src.path} is not inside a tla run directory (no run.json beside it); the eval's result "
                        "is kept in the run it belongs to")
     return src
 

@@ -9,7 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from tla_jobs import rundir
+from tla_jobs import procs, rundir
 from tla_jobs.jobs import pickles
 from tla_jobs.jobs.scheduler import JobRecord
 
@@ -94,35 +94,10 @@ def wait_for_slot(run_dir: Path, is_main: bool, on_wait=None, poll_s: float = 1.
         time.sleep(poll_s)
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    """/proc/PID/stat after the command name (whose parentheses may hold spaces): field 3 onwards."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
+process_start, boot_id, identity = procs.process_start, procs.boot_id, procs.identity  # used where jobs are recorded
 
-
-def process_start(pid: int) -> int | None:
-    """When the process started (field 22 of /proc/PID/stat, clock ticks since boot); None when gone."""
-    fields = _stat_fields(pid)
-    try:
-        return int(fields[19]) if fields else None
-    except (IndexError, ValueError):
-        return None
-
-
-def boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def identity(pid: int) -> dict:
-    """What tells this process apart from a later one that gets the same PID: its start time and
-    the boot. Stored with every local submission."""
-    return {"pid_start": process_start(pid), "boot_id": boot_id()}
+CONTROLLER = "submitit.local._local"  # the local job's controller: python -m submitit.local._local FOLDER
+TASK = "submitit.core._submit"  # each of its tasks (the trainer's ranks): python -u -m submitit.core._submit FOLDER
 
 
 def folder_of(entry: dict, run_dir: Path) -> Path:
@@ -132,24 +107,16 @@ def folder_of(entry: dict, run_dir: Path) -> Path:
 
 def alive(entry: dict, folder: Path) -> bool:
     """Is the local job's controller (submitit's, PID = job id) still the process that was
-    started? PIDs wrap: a bare PID may name any later process. The start time (and boot) recorded
-    at submission must match; records without one need the controller's command line, which names
-    its submitit folder."""
+    started? PIDs wrap: a bare PID may name any later process. The process must be submitit's
+    controller of this job's folder (its command line), and, where the record has them, started at the
+    time and in the boot recorded at submission."""
     job_id = str(entry.get("job_id", ""))
-    if not job_id.isdigit():
+    if not job_id.isdigit() or not procs.running(int(job_id)):
         return False
     pid = int(job_id)
-    fields = _stat_fields(pid)
-    if not fields or fields[0] in ("Z", "X"):  # gone, or a zombie (exited, not reaped)
+    if entry.get("pid_start") is not None and not procs.same_process(pid, entry):
         return False
-    if entry.get("pid_start") is not None:
-        same_boot = not entry.get("boot_id") or entry["boot_id"] == boot_id()
-        return same_boot and process_start(pid) == entry["pid_start"]
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return any(b"submitit" in part for part in cmdline) and str(folder).encode() in cmdline
+    return procs.names_folder(pid, CONTROLLER, folder)
 
 
 def state(entry: dict, folder: Path) -> JobRecord:
@@ -200,13 +167,25 @@ def cancel(entries: list[dict], run_dir: Path, kill_wait_s: float = KILL_WAIT_S)
     return [str(e["job_id"]) for e in live]
 
 
-def signal_trainer(run_dir: Path, beat: dict, sig: str) -> None:
-    """Send SIG``sig`` to the run's trainer process, named by its live heartbeat."""
+def signal_trainer(run_dir: Path, beat: dict, sig: str, folder: Path) -> None:
+    """Send SIG``sig`` to the run's trainer process, named by its live heartbeat, only when that PID is
+    provably the trainer: the process started when the heartbeat says (not a later process that got
+    the PID after the trainer ended) and runs submitit's task of this run's job folder ``folder`` (a
+    heartbeat anyone could have written names no other process)."""
     from tla_jobs.errors import TlaError
 
     pid = beat.get("pid")
-    if not isinstance(pid, int) or pid <= 1 or beat.get("phase") not in ("training", "evaluating"):
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1 or \
+            beat.get("phase") not in ("training", "evaluating"):
         raise TlaError(f"run {run_dir.name} is not training (no live heartbeat)")
+    if not procs.running(pid):
+        raise TlaError(f"the trainer process {pid} of {run_dir.name} is gone")
+    if beat.get("pid_start") is None or not procs.same_process(pid, beat):
+        raise TlaError(f"process {pid} named by {run_dir.name}'s heartbeat is not its trainer (it did not start when "
+                       "the trainer did: the trainer is gone); nothing sent")
+    if not procs.names_folder(pid, TASK, folder):
+        raise TlaError(f"process {pid} named by {run_dir.name}'s heartbeat is not a job of this run (its command "
+                       f"line names no {folder}); nothing sent")
     try:
         os.kill(pid, getattr(signal, f"SIG{sig}"))
     except ProcessLookupError:

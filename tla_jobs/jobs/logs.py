@@ -67,10 +67,15 @@ def check_rank(run: Path, rank: int | None) -> None:
         raise TlaError(f"--rank {rank}: run {run.name} has {n} rank{'s' if n > 1 else ''} (0 to {n - 1})")
 
 
+MAX_LOG_BYTES = 64 << 20  # of each log, its last 64 MB (a year of epochs of a trainer's log is a few MB)
+
+
 def _read(p: Path) -> list[str]:
+    from tla_jobs.fsutil import UnsafeFile, read_tail
+
     try:
-        return p.read_text(errors="replace").splitlines()
-    except OSError:  # a log vanished or cannot be read: the others still show
+        return read_tail(p, MAX_LOG_BYTES).decode(errors="replace").splitlines()
+    except (OSError, UnsafeFile):  # a log vanished, cannot be read, or is no file (a FIFO): the others still show
         return []
 
 

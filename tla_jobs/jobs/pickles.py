@@ -23,9 +23,16 @@ def result_path(folder: Path, job_id: str) -> Path:
     return JobPaths(folder, str(job_id), 0).result_pickle
 
 
+MAX_BYTES = 64 << 20  # a job's result: a summary dict or a traceback's text
+
+
 def _load(folder: Path, job_id: str):
-    with open(result_path(folder, job_id), "rb") as f:
-        return _PlainUnpickler(f).load()
+    import io
+
+    from tla_jobs.fsutil import read_regular
+
+    # read_regular: a FIFO or a device in its place is refused (UnsafeFile), never read until it ends
+    return _PlainUnpickler(io.BytesIO(read_regular(result_path(folder, job_id), MAX_BYTES))).load()
 
 
 def outcome(folder: Path, job_id: str) -> str | None:

@@ -147,5 +147,17 @@ def all_runs(root: Path | None = None) -> list[Path]:
         # one stat a run: a listing of 10,000 runs is in `tla status`'s time (a damaged run.json,
         # even a directory, still marks a run)
         base = f"{r}{os.sep}"
-        out += [r / n for n in sorted(names) if os.path.exists(f"{base}{n}{os.sep}{rundir.RUN_JSON}")]
+        out += [r / n for n in sorted(names) if _is_run(f"{base}{n}")]
     return out
+
+
+def _is_run(folder: str) -> bool:
+    """The folder holds a run.json (a damaged one, even a directory, still marks a run), or cannot be
+    looked into at all: such a folder is listed, as unreadable, rather than silently left out."""
+    try:
+        os.stat(f"{folder}{os.sep}{rundir.RUN_JSON}")
+        return True
+    except PermissionError:
+        return os.path.isdir(folder)
+    except OSError:
+        return False

@@ -263,6 +263,11 @@ def plot(statuses: list[RunStatus], out: Path, by_arm: bool = False) -> Path:
     return out
 
 
+def _plain(text: str) -> str:
+    """A label matplotlib prints as it is: a '$' would start mathtext (a run named `$\\frac{$` crashed the plot)."""
+    return str(text).replace("$", r"\$")
+
+
 def figure(statuses: list[RunStatus], by_arm: bool = False):
     """Two panels, val top-1 and val loss per epoch (a third, mean |w_cls − λ|, when a run aligned
     its labels): one line per run, or with `by_arm` the mean over each (model, mixing) group's runs
@@ -293,15 +298,15 @@ def figure(statuses: list[RunStatus], by_arm: bool = False):
                 n = min(len(c) for c in curves)
                 stats = [_mean_std([c[e] for c in curves]) for e in range(n)]
                 xs, mean = list(range(1, n + 1)), [m for m, _ in stats]
-                ax.plot(xs, mean, marker="o", ms=3, color=colour[name], label=f"{name}: mean of {len(curves)}")
+                ax.plot(xs, mean, marker="o", ms=3, color=colour[name], label=_plain(f"{name}: mean of {len(curves)}"))
                 ax.fill_between(xs, [m - sd for m, sd in stats], [m + sd for m, sd in stats], color=colour[name],
-                                alpha=0.15, label=f"{name}: ± 1 std" if len(curves) > 1 else None)
+                                alpha=0.15, label=_plain(f"{name}: ± 1 std") if len(curves) > 1 else None)
         else:
             for st in statuses:
                 rows = [m for m in st.metrics if m.get(key) is not None]
                 if rows:
                     ax.plot([m["epoch"] + 1 for m in rows], [m[key] for m in rows], marker="o", ms=3,
-                            color=colour[st.name], label=f"{st.name} ({_mixing(st)})")
+                            color=colour[st.name], label=_plain(f"{st.name} ({_mixing(st)})"))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         bottom = ax.get_ylim()[0]

@@ -73,8 +73,10 @@ def _class_names(config: dict, num_classes: int) -> list[str]:
     return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 
-def export(checkpoint: str | Path, out: str | Path, weights: str = "model", fmt: str | None = None) -> dict:
-    """Write ``out`` from a verified checkpoint; returns its metadata (strings, as safetensors keeps them)."""
+def export(checkpoint: str | Path, out: str | Path, weights: str = "model", fmt: str | None = None,
+           force: bool = False) -> dict:
+    """Write ``out`` from a verified checkpoint; returns its metadata (strings, as safetensors keeps them).
+    Without ``force`` an existing ``out`` is never replaced, also one another export creates meanwhile."""
     checkpoint, out = Path(checkpoint), Path(out)
     fmt = fmt or ("pth" if out.suffix == ".pth" else "safetensors")
     if weights not in WEIGHTS or fmt not in FORMATS:
@@ -121,7 +123,10 @@ def export(checkpoint: str | Path, out: str | Path, weights: str = "model", fmt:
         data = save(state, metadata=meta)
     else:
         data, _ = ckpt.serialize({"state_dict": state, "metadata": meta})
-    atomic_write_bytes(out, data)  # an interrupted export leaves no half file under the name asked for
+    try:  # an interrupted export leaves no half file under the name asked for
+        atomic_write_bytes(out, data, replace=force)
+    except FileExistsError:
+        raise TlaError(f"{out} already exists (written meanwhile by another export?); --force replaces it") from None
     return meta
 
 
