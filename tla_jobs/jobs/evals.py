@@ -42,7 +42,8 @@ def _weights(target: str, which: str | None) -> artifacts.Weights:
         if src.export:
             named = src.export.get("source_checkpoint")
             raise TlaError(f"{src.path.name}'s metadata names source checkpoint {named!r}, which no run's "
-                           "checkpoints.jsonl records with its sha256: its eval cannot be kept with a run; evaluate the run's checkpoint instead (tla eval checkpoint RUN --which ...)")
+                           "checkpoints.jsonl records with its sha256: its eval cannot be kept with a run; evaluate "
+                           "the run's checkpoint instead (tla eval checkpoint RUN --which ...)")
         raise TlaError(f"{src.path} is not inside a tla run directory (no run.json beside it); the eval's result "
                        "is kept in the run it belongs to")
     return src
