@@ -211,7 +211,7 @@ def _one(path: Path, record: dict, view: SchedulerView) -> RunStatus:
         else:
             procs[job_of(sub)] = local.state(sub, local.folder_of(sub, path))
             st.jobs.append(procs[job_of(sub)])
-    st.evals = [_eval_status(path, e, view) for e in record.get("evals", [])]
+    st.evals = [_eval_status(path, e, view, st.problems) for e in record.get("evals", [])]
     if not subs:
         st.state, st.source = "NOT SUBMITTED", rundir.RUN_JSON
         return st
@@ -300,7 +300,8 @@ def decide(sched: str | None, attempt: dict | None, summary: dict | None, record
     return "UNKNOWN", ""
 
 
-def _eval_status(path: Path, entry: dict, view: SchedulerView) -> EvalStatus:
+def _eval_status(path: Path, entry: dict, view: SchedulerView, problems: list[str] | None = None) -> EvalStatus:
+    """``problems``: the run's, to which a damaged eval.json is added (shown, and `tla status` exits 3)."""
     from tla_jobs.jobs.artifacts import label  # entries written before --which: from the file's name
 
     job = job_of(entry)
@@ -310,6 +311,8 @@ def _eval_status(path: Path, entry: dict, view: SchedulerView) -> EvalStatus:
                     which=str(entry.get("which") or label(Path(str(entry.get("checkpoint", ""))).name)),
                     sha256=entry.get("checkpoint_sha256"), weights=str(entry.get("weights") or "model"))
     result, problem = damage.eval_result(out)
+    if problem and problems is not None and problem not in problems:
+        problems.append(problem)
     if result is not None:
         ev.sha256 = result.get("checkpoint_sha256") or ev.sha256
         ev.weights = str(result.get("weights") or ev.weights)  # an export's: what it was made of
