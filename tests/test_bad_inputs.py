@@ -92,9 +92,10 @@ def assert_others_readable(env) -> None:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """Every path under ``folder`` with its content's digest ("dir" for folders)."""
+    """Every path under ``folder`` with its content's digest ("dir" for folders); the empty lock files a
+    command of a run takes (`tla resume`, `tla export`: one at a time) are not content and are left out."""
     return {str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*"))}
+            for p in sorted(folder.rglob("*")) if not (p.name.endswith(".lock") and p.stat().st_size == 0)}
 
 
 # ------------------------------------------------------------------------------- damaged run files

@@ -162,9 +162,9 @@ def test_a_job_requeued_by_slurm_continues_from_its_own_checkpoints_not_from_its
     start_from, out = periodic_of(run)[0], tmp_path / "branch"
     base = [a for a in RECIPE if a not in ("--epochs", str(EPOCHS))]
     env = {"SUBMITIT_LOCAL_JOB_ID": "4242"}
-    for epochs in (EPOCHS + 1, EPOCHS + 2):  # the first attempt, then the requeued one (one epoch more)
-        run_tla("train", *base, "--epochs", epochs, "--data-path", digits, "--resume", start_from, "--output-dir",
-                out, env=env, check=True, timeout=600)
+    for epochs, more in ((EPOCHS + 1, []), (EPOCHS + 2, ["--extend"])):  # then the requeued one, one epoch more
+        run_tla("train", *base, "--epochs", epochs, *more, "--data-path", digits, "--resume", start_from,
+                "--output-dir", out, env=env, check=True, timeout=600)
     first, again = (r for r in rows_of(out / rundir.ATTEMPTS) if r["event"] == "start")
     assert first["resumed_from"]["path"] == str(start_from) and first["job_id"] == again["job_id"] == "4242"
     assert again["resumed_from"]["path"] == str(out / ckpt.LAST) and again["resumed_from"]["epoch"] == EPOCHS + 1

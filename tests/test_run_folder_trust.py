@@ -122,6 +122,28 @@ def test_a_linked_lock_file_is_refused_and_its_target_untouched(world, tmp_path)
     assert after == before
 
 
+@pytest.mark.parametrize("name", [rundir.SUBMITIT_DIR, rundir.EVALS_DIR, rundir.TENSORBOARD_DIR])
+def test_a_run_whose_job_folders_link_out_of_it_is_refused(world, tmp_path, name):
+    root, env = world
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.rmtree(root / "good-a" / name, ignore_errors=True)
+    os.symlink(outside, root / "good-a" / name)
+    one_line_error(tla(env, "resume", "good-a", timeout=T), name)
+    assert list(outside.iterdir()) == []
+
+
+def test_the_trainer_refuses_a_tensorboard_folder_that_links_out(tmp_path, digits):
+    out, outside = tmp_path / "fresh", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    os.symlink(outside, out / rundir.TENSORBOARD_DIR)
+    proc = run_tla("train", *FAST, "--data-path", digits, "--epochs", "1", "--max-steps", "2", "--output-dir", out,
+                   timeout=300)
+    one_line_error(proc, "symbolic link")
+    assert list(outside.iterdir()) == [] and not (out / rundir.ATTEMPTS).exists()
+
+
 def test_fsutil_append_and_lock_refuse_links_and_fifos(tmp_path):
     target = tmp_path / "target"
     target.write_text("x")

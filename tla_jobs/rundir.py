@@ -40,6 +40,16 @@ CONFIG_YAML = "config.yaml"  # the resolved TrainConfig, so `--config runs/NAME/
 STATUS_CACHE = ".status-cache.json"  # `tla status`'s copy of a finished run's status (jobs/state.py: only a cache)
 
 
+def refuse_linked_dirs(run_dir: Path) -> None:
+    """The folders tla and its jobs write into inside a run (submitit's, the eval jobs', TensorBoard's) are
+    folders of the run, not links out of it (fsutil.UnsafeFile names the one that is): files written
+    there would land wherever the link points."""
+    from tla_jobs.fsutil import refuse_links
+
+    for name in (SUBMITIT_DIR, EVALS_DIR, TENSORBOARD_DIR):
+        refuse_links(run_dir, run_dir / name)
+
+
 def sweep_dir(root: Path, name: str) -> Path:
     return root / SWEEP_DIR.format(name=name)
 

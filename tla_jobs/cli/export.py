@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -71,9 +72,11 @@ def export_command(
     _refuse_run_files(out, src.path)
     from tla_jobs.train.export import export, load_line  # torch and timm: only now
 
-    lock = src.run_dir / "export" if src.run_dir else src.path.with_name(f".{src.path.name}.export")
-    with locked(lock, wait=False, busy=f"another `tla export` of {src.run_dir.name if src.run_dir else src.path} "
-                                       "is running; try again when it has finished"):
+    # one export of a run at a time (a checkpoint outside any run: no folder of tla's to lock in); two
+    # exports to one file never both write it either way (export() links its file into place)
+    lock = locked(src.run_dir / "export", wait=False, busy=f"another `tla export` of {src.run_dir.name} is running; "
+                  "try again when it has finished") if src.run_dir else contextlib.nullcontext()
+    with lock:
         meta = export(src.path, out, weights=src.weights, fmt=fmt, force=force)
     line = load_line(meta, str(out))
     if as_json:

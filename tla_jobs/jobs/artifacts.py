@@ -43,7 +43,7 @@ def label(name: str) -> str:
     return f"epoch:{checkpoints.epoch_number(name)}" if kind == "epoch" else ("file" if kind == "other" else kind)
 
 
-def _run_of(path: Path) -> Path | None:
+def run_of(path: Path) -> Path | None:
     """The run a file lies in: its folder, when that folder holds run.json."""
     folder = path.parent
     return folder if (folder / rundir.RUN_JSON).is_file() else None
@@ -103,9 +103,9 @@ def _file(path: Path, which: str | None, exports: bool) -> Weights:
         raise TlaError(f"--which {which} names a checkpoint of a run: give the run instead of the file {path.name} "
                        "(with a file, only --which ema means something: its EMA weights)")
     path = path.resolve()
-    meta = _export(path, _run_of(path) is not None) if exports else None
+    meta = _export(path, run_of(path) is not None) if exports else None
     if meta is None:
-        return Weights(path, which or "model", which or label(path.name), _run_of(path), checkpoints.read_sidecar(path))
+        return Weights(path, which or "model", which or label(path.name), run_of(path), checkpoints.read_sidecar(path))
     if which == "ema" and meta.get("weights") != "ema":
         raise TlaError(f"{path.name} holds the model's weights, not EMA ones (`tla export --which ema` writes those)")
     return Weights(path, "model", "export", _source_run(meta), checkpoints.file_sha256(path), meta)
@@ -119,7 +119,7 @@ def _source_run(meta: dict) -> Path | None:
     source, digest = meta.get("source_checkpoint"), meta.get("source_sha256")
     if not isinstance(source, str) or not source or not isinstance(digest, str):
         return None
-    run = _run_of(Path(source))
+    run = run_of(Path(source))
     if run is None:
         return None
     logged = {row.get("sha256") for row in read_jsonl(run / rundir.CHECKPOINT_LOG)}

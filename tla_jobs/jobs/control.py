@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from tla_jobs import rundir
 from tla_jobs.errors import TlaError
 from tla_jobs.fsutil import locked
 from tla_jobs.jobs import damage, local, profiles, records, slurm
@@ -97,6 +98,7 @@ def resume(run: str, cluster: str | None = None, **overrides) -> tuple[Path, dic
     with locked(run_dir / "resume", wait=False, busy=f"another `tla resume {run_dir.name}` is submitting it; "
                                                      "see `tla status` once it has"):
         record = records.load(run_dir)
+        rundir.refuse_linked_dirs(run_dir)
         st = collect([run_dir])[0]
         if st.state in ACTIVE:
             raise TlaError(f"run {run_dir.name} is {st.state}; `tla cancel {run_dir.name}` first")

@@ -5,6 +5,7 @@ with the checkpoint it used (path, sha256, which); the job's eval.json has what 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -39,12 +40,13 @@ def _weights(target: str, which: str | None) -> artifacts.Weights:
     """The weights to evaluate, in a run that can hold the result."""
     src = artifacts.locate(target, which, exports=True, missing_ok=True)
     if src.run_dir is None:
-        if src.export:
-            named = src.export.get("source_checkpoint")
+        named = src.export.get("source_checkpoint") if src.export else None
+        if isinstance(named, str) and artifacts.run_of(Path(named)) is not None:
             raise TlaError(f"{src.path.name}'s metadata names source checkpoint {named!r}, which no run's "
                            "checkpoints.jsonl records with its sha256: its eval cannot be kept with a run; evaluate "
                            "the run's checkpoint instead (tla eval checkpoint RUN --which ...)")
-        raise TlaError(f"{src.path} is not inside a tla run directory (no run.json beside it); the eval's result "
+        where = f"its source checkpoint {named!r}" if src.export else src.path
+        raise TlaError(f"{where} is not inside a tla run directory (no run.json beside it); the eval's result "
                        "is kept in the run it belongs to")
     return src
 
@@ -58,10 +60,15 @@ def submit(target: str, cluster: str | None = None, data_path: Path | None = Non
 
     src = _weights(target, which)
     run_dir = src.run_dir
-    record = records.load(run_dir)
+    rundir.refuse_linked_dirs(run_dir)  # the eval job writes into RUN/evals, its submitit files into RUN/submitit
+    if not os.path.lexists(run_dir / rundir.RUN_JSON):  # a `tla train --output-dir` folder: it becomes a run
+        profile = profiles.load(cluster or "local")  # as `tla submit` defaults
+        record = records.adopt(run_dir, profile.model_dump())
+    else:
+        record = records.load(run_dir)
+        profile = profiles.load(cluster) if cluster else profiles.Profile.model_validate(record["profile"])
     if src.weights == "ema" and not record.get("spec", {}).get("model_ema"):
         raise TlaError(f"run {run_dir.name} was trained without --model-ema: it has no EMA weights")
-    profile = profiles.load(cluster) if cluster else profiles.Profile.model_validate(record["profile"])
     after = dependency(run_dir, record, profile)
     if after is None and not src.path.is_file():
         raise TlaError(f"checkpoint {src.path} does not exist (has the run trained an epoch yet?)")

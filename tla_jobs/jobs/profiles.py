@@ -213,10 +213,14 @@ def parse(text: str, source: str, name: str) -> Profile:
 
 
 def _read(path: Path) -> str:
+    from tla_jobs.fsutil import MAX_TEXT, UnsafeFile, read_regular_text
+
     try:
-        return path.read_text(encoding="utf-8")
+        return read_regular_text(path, MAX_TEXT)  # a FIFO or /dev/zero in its place: refused, not read forever
     except UnicodeDecodeError:
         raise TlaError(f"profile {path} is not a text (UTF-8) file") from None
+    except UnsafeFile as exc:
+        raise TlaError(f"profile {exc}") from None
 
 
 def load(name_or_path: str) -> Profile:

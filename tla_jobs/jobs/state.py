@@ -212,8 +212,9 @@ def _one(path: Path, record: dict, view: SchedulerView) -> RunStatus:
             procs[job_of(sub)] = local.state(sub, local.folder_of(sub, path))
             st.jobs.append(procs[job_of(sub)])
     st.evals = [_eval_status(path, e, view, st.problems) for e in record.get("evals", [])]
-    if not subs:
-        st.state, st.source = "NOT SUBMITTED", rundir.RUN_JSON
+    if not subs:  # a `tla train` folder tla keeps records of (records.adopt): what its trainer recorded
+        st.state, st.source = _trained_outside(st), "attempts" if st.attempts else rundir.RUN_JSON
+        st.last_event = _last_event(st, st.attempts[-1]["end"] if st.attempts else None) if st.attempts else ""
         return st
     latest = subs[-1]
     if latest.get("executor") == "slurm":
@@ -241,6 +242,22 @@ def _one(path: Path, record: dict, view: SchedulerView) -> RunStatus:
         st.state = "PENDING"
         st.last_event = f"waiting for a slot (at most {beat.get('array_parallelism', '?')} of the sweep at once)"
     return st
+
+
+def _trained_outside(st: RunStatus) -> str:
+    """The state of a run trained by `tla train` in a shell (no job of tla's): its newest attempt's end
+    record, or a fresh heartbeat; NOT SUBMITTED when it never trained."""
+    if not st.attempts:
+        return "NOT SUBMITTED"
+    end = st.attempts[-1]["end"] or {}
+    if end.get("reason") in FINAL_REASONS and st.summary is not None:
+        return "COMPLETED"
+    if end.get("reason") in FAILED_REASONS:
+        return "FAILED"
+    beat = st.heartbeat or {}
+    if not end and isinstance(beat.get("time"), (int, float)) and time.time() - beat["time"] < 120:
+        return "RUNNING"
+    return "STOPPED"
 
 
 def decide(sched: str | None, attempt: dict | None, summary: dict | None, record: dict, latest: dict,

@@ -59,6 +59,7 @@ def train(cfg: TrainConfig, max_stalled_attempts: int = 0) -> dict:
     data, num_classes, model = setup.preflight(cfg)
     out = setup.output_dir(cfg)
     if not cfg.eval_only:
+        rundir.refuse_linked_dirs(out)
         recipe.check_folder(cfg.model_dump(), out)  # before this attempt writes anything into the folder
     world = tdist.expected_world_size()
     if world > 1 and int(os.environ.get("RANK", "0")) == 0 and not cfg.eval_only:
