@@ -482,8 +482,7 @@ def test_state_precedence_across_a_slurmdbd_restart(env, digits):
         assert [j["elapsed_s"] for j in st["jobs"]][-1] > 0, st["jobs"]  # time used, from squeue
         sh("scancel", gone_job)
         seen = {"prec-done": [], "prec-gone": []}
-        # until squeue has forgotten both (MinJobAge 30 s after the cancelled job has finished COMPLETING);
-        # with slurmdbd down each status call waits for sacct to give up, so a loaded machine polls slowly
+        # until squeue has forgotten both (MinJobAge 30 s after the cancelled job has finished COMPLETING)
         deadline = time.time() + 300
         while time.time() < deadline:
             for run in seen:
@@ -506,6 +505,34 @@ def test_state_precedence_across_a_slurmdbd_restart(env, digits):
         time.sleep(1)
     assert set(after["prec-done"]) == {"COMPLETED"}, after
     assert set(after["prec-gone"]) == {"CANCELLED"}, after
+
+
+def test_status_report_logs_cancel_answer_when_accounting_does_not(env, digits):
+    """slurmdbd stopped with SIGSTOP (as an overloaded accounting daemon behaves: it takes connections and
+    never answers): status, report, logs and cancel answer from squeue and the runs' own files after a
+    short sacct timeout, and say that accounting did not answer. The seconds: docs/benchmarks.md."""
+    from tla_jobs.jobs import slurm
+
+    submit(env, "dbd-done", "--max-steps", "3", digits=digits, epochs=1)
+    submit(env, "dbd-run", "--step-delay", "0.2", digits=digits, epochs=20)
+    wait_state(env, "dbd-done", {"COMPLETED", "FAILED"})
+    wait_step(env, "dbd-run", 2)
+    pid = int((Path(STATE) / "run" / "slurmdbd.pid").read_text().strip())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        running, done = status(env, "dbd-run"), status(env, "dbd-done")
+        assert running["state"] == "RUNNING" and running["source"] == "squeue (sacct did not answer)", running
+        assert done["state"] == "COMPLETED" and done["source"].startswith("squeue (sacct did not answer)"), done
+        table = " ".join(tla(env, "status", check=True).stdout.split())
+        assert "accounting (sacct) did not answer" in table and "dbd-run" in table, table
+        report = json.loads(tla(env, "report", "dbd-done", "--format", "json", check=True).stdout)[0]
+        assert report["state"] == "COMPLETED"
+        assert tla(env, "logs", "dbd-run", "-n", "5", check=True).stdout
+        tla(env, "cancel", "dbd-run", check=True)
+        assert wait_state(env, "dbd-run", {"CANCELLED", "FAILED", "COMPLETED"})["state"] == "CANCELLED"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        slurm._sacct_silent_until = 0.0  # this process asks sacct again at once (the next tests want it)
 
 
 def test_hostile_values_reach_no_shell_and_control_characters_are_refused(env, digits, tmp_path):
