@@ -20,7 +20,7 @@ from tla_jobs.jobs.plan import Check
 from tla_jobs.jobs.profiles import Profile
 from tla_jobs.jobs.scheduler import ACTIVE, SACCT_SILENT, JobRecord, SchedulerView
 
-SACCT_TIMEOUT_S = float(os.environ.get("TLA_SACCT_TIMEOUT_S", "3"))  # then squeue; within 5 s in all
+SACCT_TIMEOUT_S = float(os.environ.get("TLA_SACCT_TIMEOUT_S", "2"))  # then squeue: within 5 s in all
 SACCT_RETRY_S = 30.0  # after sacct did not answer, this process leaves it alone this long
 _sacct_silent_until = 0.0
 
