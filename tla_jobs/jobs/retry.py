@@ -29,7 +29,6 @@ a failure that repeats at the same step meets the stall guard, which ends the ru
 from __future__ import annotations
 
 import os
-import shlex
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ FINAL = ("stalled", "requeue limit")  # an attempt that ended with one of these 
 
 def setup_lines(max_requeue_failure: int, run_dirs: list[str]) -> list[str]:
     """Batch-shell lines of a training job (one run, or a job array's runs by array index)."""
-    dirs = " ".join(shlex.quote(str(d)) for d in run_dirs)
+    dirs = " ".join("'" + str(d).replace("'", "'\\''") + "'" for d in run_dirs)  # always quoted, as data
     return [
         "# failure requeue (tla_jobs/jobs/retry.py): a step that failed is requeued at most max_requeue_failure times",
         f"tla_max_requeue_failure={int(max_requeue_failure)}",

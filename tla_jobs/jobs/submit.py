@@ -58,7 +58,7 @@ def render(plan: Plan) -> str:
     array = len(plan.specs) if plan.kind == "sweep" else None
     ex = executor_for(plan.profile, _folder(plan), plan.name, plan.run_dir,
                        [s.get("data_path", "") for s in plan.specs], plan.dependency, array, dry_run=True,
-                       parallel=plan.parallel, retry_dirs=[s["output_dir"] for s in plan.specs])
+                       parallel=plan.parallel, retry_dirs=[s.get("output_dir") or plan.run_dir for s in plan.specs])
     return ex.script(array if array and array > 1 else None)  # submitit submits a one-run array as one job
 
 
