@@ -179,11 +179,14 @@ def checks(profile: Profile) -> list[Check]:
             ok = limit is None or s.time_min <= limit
             out.append(Check("time limit", ok, f"--time {s.time_min} min vs partition MaxTime "
                                                f"{parts[s.partition][1]}"))
-    acct = run(["sacct", "-n", "-X", "-S", "now-1hours", "-o", "JobID", "--parsable2"], timeout=20)
+    acct = run(["sacct", "-n", "-X", "-S", "now-1hours", "-o", "JobID", "--parsable2"], timeout=SACCT_TIMEOUT_S,
+               say_timeout=True)
     acct_ok = bool(acct and acct.returncode == 0)
     # Without accounting jobs still run; `tla status` then reads squeue and the heartbeat.
+    silent = f"sacct did not answer within {SACCT_TIMEOUT_S:g} s" if acct and acct.returncode == TIMED_OUT else \
+        "sacct unavailable"
     out.append(Check("sacct", True, "accounting answers" if acct_ok else
-                     "sacct unavailable: status falls back to squeue and heartbeats", warning=not acct_ok))
+                     f"{silent}: status falls back to squeue and heartbeats", warning=not acct_ok))
     c = profile.container
     if (c.runtime == "apptainer" and c.image.endswith(".sif")) or (c.runtime == "pyxis" and c.image.startswith("/")):
         present = Path(c.image).is_file()
