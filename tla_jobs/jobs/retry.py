@@ -61,7 +61,7 @@ _FUNCTIONS = r'''tla_failed() {
   # only while SLURM still runs this very attempt (a node failure may have requeued the job already)
   case "$job" in *JobState=RUNNING*"Restarts=${SLURM_RESTART_COUNT:-0} "*) ;; *) return;; esac
   line=$(grep -m1 -E '^srun: error: [^ :]+: tasks? [0-9]+[^:]*: ' "$2")
-  node=$(printf %s "$line" | sed -E 's/^srun: error: ([^ :]+): .*/\1/' | tr -cd 'A-Za-z0-9._-')
+  node=$(printf %s "$line" | sed -E 's/^srun: error: ([^ :]+): .*/\1/' | tr -cd '][A-Za-z0-9._,-')  # a hostlist too
   rank=$(printf %s "$line" | sed -E 's/^srun: error: [^ :]+: tasks? ([0-9]+).*/\1/' | tr -cd 0-9)
   what=${line##*: }
   case "$what" in
