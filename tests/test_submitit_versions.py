@@ -57,12 +57,13 @@ for profile in ("slurm-gpu", "pyxis"):
     spec = {"model": "deit_small_patch16_224", "data_path": str(root / "data"), "output_dir": str(run_dir)}
     plan = Plan("one", run_dir, prof, [spec])
     rendered = submit.render(plan)
-    ex = submit.executor_for(prof, run_dir / "submitit", "one", run_dir, [spec["data_path"]])
+    ex = submit.executor_for(prof, run_dir / "submitit", "one", run_dir, [spec["data_path"]], retry_dirs=[run_dir])
     job = ex.submit(print, "never runs")
     out[f"{profile} job"] = [rendered, JobPaths(ex.folder, job.job_id).submission_file.read_text()]
     sweep = Plan("sw", root / profile / ".sweep-sw", prof, [spec, {**spec, "seed": 1}], kind="sweep")
     rendered = submit.render(sweep)
-    ex = submit.executor_for(prof, sweep.run_dir, "sw", run_dir, [spec["data_path"]] * 2, array_size=2)
+    ex = submit.executor_for(prof, sweep.run_dir, "sw", run_dir, [spec["data_path"]] * 2, array_size=2,
+                             retry_dirs=[run_dir] * 2)
     jobs = ex.map_array(print, ["a", "b"])
     out[f"{profile} array"] = [rendered, JobPaths(ex.folder, jobs[0].job_id).submission_file.read_text()]
 print(json.dumps(out))

@@ -72,10 +72,26 @@ def _second_call(q, k, labels, scale, attn_mask) -> torch.Tensor:
         return out.mean(dim=1, dtype=_work_dtype(labels, q))
 
 
+def _with_label_channels(qkv, labels: torch.Tensor):
+    """q, k, v for the fused path: ``labels`` appended to v as extra channels, as many zero
+    channels appended to q and k (their dot products, and so the softmax, stay the same). A packed
+    (B, N, 3, H, D) projection gets them in one concatenation instead of three separate pads: on
+    the CPU those copies, not the extra channel, are most of the cost."""
+    kdim = labels.shape[-1]
+    if isinstance(qkv, torch.Tensor):
+        b, n, _, h, _ = qkv.shape
+        pad = label_channels(kdim, qkv.device)
+        extra = qkv.new_zeros(b, n, 3, h, pad)
+        extra[:, :, 2, :, :kdim] = labels.to(qkv.dtype).unsqueeze(2)
+        return torch.cat([qkv, extra], dim=-1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = qkv
+    b, h, n, _ = v.shape
+    pad = label_channels(kdim, v.device)
+    return F.pad(q, (0, pad)), F.pad(k, (0, pad)), torch.cat([v, _label_values(labels, b, h, n, v.dtype)], dim=-1)
+
+
 def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    qkv: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     labels: torch.Tensor,
     *,
     scale: float,
@@ -85,12 +101,23 @@ def attend(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the attention output (B, H, N, D) and the head-averaged Ā·labels (B, N, K).
 
-    ``labels`` is (B, N, K) and is treated as a constant: no gradient flows into or out of it.
-    ``attn_mask`` is an additive float mask (or boolean keep-mask) broadcastable to (B, H, N, N),
-    exactly what the timm module would pass to SDPA (relative-position bias, shifted-window mask).
+    ``qkv`` is either the (B, N, 3, H, D) output of a qkv projection (no q/k norm in between), or
+    q, k, v as a tuple of (B, H, N, D) tensors. ``labels`` is (B, N, K) and is treated as a
+    constant: no gradient flows into or out of it. ``attn_mask`` is an additive float mask (or
+    boolean keep-mask) broadcastable to (B, H, N, N), exactly what the timm module would pass to
+    SDPA (relative-position bias, shifted-window mask).
     """
     labels = labels.detach()
-    path = resolve_path(path, v.device)
+    packed = isinstance(qkv, torch.Tensor)
+    path = resolve_path(path, qkv.device if packed else qkv[2].device)
+    if path == "fused":
+        d = qkv.shape[-1] if packed else qkv[2].shape[-1]
+        q, k, v = _with_label_channels(qkv, labels)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+        if dropout_p > 0.0:  # labels follow the attention before dropout, as in the reference
+            return out[..., :d], _second_call(q, k, labels, scale, attn_mask)
+        return out[..., :d], out[..., d : d + labels.shape[-1]].detach().to(_work_dtype(labels, v)).mean(dim=1)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0) if packed else qkv
     if path == "explicit":
         attn = (q * scale) @ k.transpose(-2, -1)
         if attn_mask is not None:
@@ -104,51 +131,5 @@ def attend(
         if dropout_p > 0.0:
             attn = F.dropout(attn, p=dropout_p)
         return attn @ v, mixed
-    if path == "second":
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
-        return out, _second_call(q, k, labels, scale, attn_mask)
-    b, h, n, d = v.shape
-    pad = label_channels(labels.shape[-1], v.device)
-    out = F.scaled_dot_product_attention(
-        F.pad(q, (0, pad)),
-        F.pad(k, (0, pad)),
-        torch.cat([v, _label_values(labels, b, h, n, v.dtype)], dim=-1),
-        attn_mask=attn_mask,
-        dropout_p=dropout_p,
-        scale=scale,
-    )
-    if dropout_p > 0.0:  # labels follow the attention before dropout, as in the reference
-        return out[..., :d], _second_call(q, k, labels, scale, attn_mask)
-    return out[..., :d], out[..., d : d + labels.shape[-1]].detach().to(_work_dtype(labels, v)).mean(dim=1)
-
-
-def attend_packed(
-    qkv: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    scale: float,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    path: str = "second",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`attend` from the (B, N, 3, H, D) output of a qkv projection (no q/k norm in between).
-
-    For the fused path one concatenation appends the label channels to q, k (zeros) and v (labels)
-    at once, instead of three separate pads: on the CPU those copies, not the extra channel, are
-    most of the cost.
-    """
-    path = resolve_path(path, qkv.device)
-    if path != "fused":
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        return attend(q, k, v, labels, scale=scale, attn_mask=attn_mask, dropout_p=dropout_p, path=path)
-    labels = labels.detach()
-    b, n, _, h, d = qkv.shape
-    kdim = labels.shape[-1]
-    pad = label_channels(kdim, qkv.device)
-    extra = qkv.new_zeros(b, n, 3, h, pad)
-    extra[:, :, 2, :, :kdim] = labels.to(qkv.dtype).unsqueeze(2)
-    q, k, v = torch.cat([qkv, extra], dim=-1).permute(2, 0, 3, 1, 4).unbind(0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
-    if dropout_p > 0.0:  # labels follow the attention before dropout, as in the reference
-        return out[..., :d], _second_call(q, k, labels, scale, attn_mask)
-    return out[..., :d], out[..., d : d + kdim].detach().to(_work_dtype(labels, qkv)).mean(dim=1)
+    return out, _second_call(q, k, labels, scale, attn_mask)

@@ -27,7 +27,7 @@ from timm.models.swin_transformer import (
 )
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from tla_jobs.align.attention import attend, attend_packed, label_channels, resolve_path
+from tla_jobs.align.attention import attend, label_channels, resolve_path
 from tla_jobs.errors import TlaError
 
 
@@ -70,11 +70,11 @@ def _vit_attention(attn: Attention, x: torch.Tensor, labels: torch.Tensor, path:
     packed = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim)
     dropout_p = attn.attn_drop.p if attn.training else 0.0
     if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
-        out, mixed = attend_packed(packed, labels, scale=attn.scale, dropout_p=dropout_p, path=path)
+        out, mixed = attend(packed, labels, scale=attn.scale, dropout_p=dropout_p, path=path)
     else:
         q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        out, mixed = attend(q, k, v, labels, scale=attn.scale, dropout_p=dropout_p, path=path)
+        out, mixed = attend((q, k, v), labels, scale=attn.scale, dropout_p=dropout_p, path=path)
     out = attn.norm(out.transpose(1, 2).reshape(b, n, attn.attn_dim))
     if gate is not None:
         out = out * gate
@@ -132,7 +132,7 @@ def _window_attention(attn: WindowAttention, x: torch.Tensor, labels: torch.Tens
         bias = (bias + mask.view(1, nw, 1, n, n).expand(b_ // nw, -1, attn.num_heads, -1, -1)
                 .reshape(-1, attn.num_heads, n, n))
     dropout_p = attn.attn_drop.p if attn.training else 0.0
-    out, mixed = attend_packed(packed, labels, scale=attn.scale, attn_mask=bias, dropout_p=dropout_p, path=path)
+    out, mixed = attend(packed, labels, scale=attn.scale, attn_mask=bias, dropout_p=dropout_p, path=path)
     out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(b_, n, -1)))
     return out, mixed
 

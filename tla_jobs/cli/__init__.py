@@ -15,7 +15,7 @@ import importlib
 import os
 import sys
 
-# command -> the module that registers it; the order of the modules is the order of `tla --help`
+# command -> the module that registers it (`tla --help` orders and groups them: cli/root.py PANELS)
 MODULES = {
     "image": "image", "submit": "submit", "resume": "submit", "eval": "evals", "export": "export",
     "checkpoints": "checkpoints", "cancel": "control", "signal": "control", "cluster": "cluster",

@@ -13,10 +13,36 @@ import os
 import sys
 
 import typer
+from typer.core import TyperGroup
 
 from tla_jobs import __version__
 
+# `tla --help` lists the commands in panels, in the order a user meets them in a run's life.
+PANELS = {
+    "Run": ("submit", "train", "eval", "resume", "cancel", "signal"),
+    "Watch": ("status", "logs", "report", "checkpoints", "export"),
+    "Set up": ("cluster", "image", "data"),
+}
+_PANEL_OF = {name: panel for panel, names in PANELS.items() for name in names}
+_ORDER = {name: i for i, name in enumerate(_PANEL_OF)}
+
+
+class LifeOrderGroup(TyperGroup):
+    """The root group: its commands in PANELS' order, each in its panel. Set here rather than with
+    rich_help_panel= in every module, since a module registers its commands only when `tla NAME`
+    needs it (tla_jobs/cli/__init__.py) and typer lists commands in the order they were registered."""
+
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        for name in names:
+            command = self.commands[name]
+            if name in _PANEL_OF and not getattr(command, "rich_help_panel", None):
+                command.rich_help_panel = _PANEL_OF[name]
+        return sorted(names, key=lambda n: _ORDER.get(n, len(_ORDER)))
+
+
 app = typer.Typer(
+    cls=LifeOrderGroup,
     name="tla",
     help="Train DeiTs with Token-Label Alignment, on this machine or on SLURM.\n\n"
          "Runs live in a run directory (./runs/NAME, or $TLA_RUNS/NAME) that holds everything about them.\n\n"

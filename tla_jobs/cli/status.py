@@ -164,6 +164,7 @@ def status(
 
 def _status(runs, watch, all_runs, limit, since, states, as_json) -> None:
     from tla_jobs.jobs import records
+    from tla_jobs.jobs.slurm import silent_note
     from tla_jobs.jobs.state import collect
 
     wanted = parse_states(states)  # a typo fails before any run is read
@@ -224,6 +225,8 @@ def _status(runs, watch, all_runs, limit, since, states, as_json) -> None:
         _detail(listed[0])
     else:
         console.print(_table(listed))
+    if note := silent_note([st.source for st in listed]):  # accounting did not answer: say so, always
+        console.print(note, highlight=False)
     if more:
         which = f" that match {filters}" if filters else ""
         console.print(f"showing the {len(listed)} most recent of {len(statuses)} runs{which}; {more} more not shown "

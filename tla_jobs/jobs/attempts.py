@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tla_jobs.jobs import damage
+from tla_jobs.jobs import damage, retry
 from tla_jobs.jobs.scheduler import ACTIVE, FINAL_BAD, SchedulerView
 
 
@@ -22,7 +22,9 @@ def _gpus_of(sub: dict) -> int:
 
 def attempts_of(path: Path, problems: list[str] | None = None) -> list[dict]:
     """Pair the trainer's start/end events into attempts (unusable lines are left out, and said in
-    ``problems``). An end names its attempt (attempt_id); older runs' ends close the newest open one."""
+    ``problems``). An end names its attempt (attempt_id); older runs' ends close the newest open one.
+    A failure's record (jobs/retry.py: which rank, how, where; the SLURM batch shell's names its job
+    and restart instead) joins the attempt's own end record, which it completes or stands for."""
     out: list[dict] = []
     rows, problem = damage.attempt_rows(path)
     if problem and problems is not None:
@@ -34,6 +36,12 @@ def attempts_of(path: Path, problems: list[str] | None = None) -> list[dict]:
             out.append(a)
             if e.get("attempt_id"):
                 by_id[str(e["attempt_id"])] = a
+        elif e.get("event") == "end" and e.get("reason") == retry.FAILED:
+            a = by_id.get(str(e.get("attempt_id"))) if e.get("attempt_id") else next(
+                (x for x in reversed(out) if str(x["start"].get("job_id")) == str(e.get("job_id"))
+                 and x["start"].get("restart_count", 0) == e.get("restart_count", 0)), None)
+            if a is not None:
+                a["end"] = {**e, **a["end"]} if a["end"] else e  # the attempt's own words first
         elif e.get("event") == "end":
             a = by_id.get(str(e.get("attempt_id"))) if e.get("attempt_id") else None
             if a is None and not e.get("attempt_id"):
@@ -66,7 +74,7 @@ def pair(st, view: SchedulerView, subs: list[dict]) -> None:
         a["restart_count"] = restart
         later = i + 1 < len(attempts)
         if e is not None:
-            a["outcome"] = str(e.get("reason"))
+            a["outcome"] = str(e.get("reason")) + (f": {retry.describe(e)}" if retry.is_failure(e) else "")
         elif later and s.get("attempt_id") and later_has_id[i + 1]:
             nxt = attempts[i + 1]["start"]
             why = f" after {rec.state}" if rec and rec.state in FINAL_BAD else ""

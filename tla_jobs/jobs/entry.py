@@ -9,7 +9,9 @@ A requeue does not always come through submitit: SLURM requeues a preempted job 
 (PreemptMode=REQUEUE), and in a container the host shell does. So every attempt of a SLURM job
 first counts the attempts of the same job before it that ended other than at the time limit, and
 refuses to start past the profile's ``max_requeue_preempt`` (an "end" record with reason
-"requeue limit", then the job fails instead of being requeued again).
+"requeue limit", then the job fails instead of being requeued again). Attempts that ended by a
+failure do not count there: they have their own limit, max_requeue_failure (jobs/retry.py: the batch
+shell requeues a SLURM job whose step failed; a local job's failed rank asks submitit's controller).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ def _timed_out(attempt: dict, time_min: int) -> bool:
 def preemptions(run_dir: Path, job_id: str, time_min: int) -> int:
     """Attempts of this job that were followed by another one and did not end at the time limit."""
     from tla_jobs.jobs.attempts import attempts_of
+    from tla_jobs.jobs.retry import is_failure
 
     mine = [a for a in attempts_of(run_dir) if str(a["start"].get("job_id", "")) == job_id]
-    return sum(1 for a in mine if not _timed_out(a, time_min))
+    return sum(1 for a in mine if not _timed_out(a, time_min) and not is_failure(a["end"]))
 
 
 def refuse_past_requeue_limit(run_dir: Path, max_requeue_preempt: int | None, time_min: int) -> None:
@@ -64,15 +67,20 @@ def rundir_is_main() -> bool:
 
 
 class TrainJob:
-    def __init__(self, max_requeue_preempt: int | None = None, time_min: int = 0, max_stalled_attempts: int = 0):
+    def __init__(self, max_requeue_preempt: int | None = None, time_min: int = 0, max_stalled_attempts: int = 0,
+                 max_requeue_failure: int = 0):
         self.max_requeue_preempt = max_requeue_preempt
         self.time_min = time_min
         self.max_stalled_attempts = max_stalled_attempts  # the profile's policy; the trainer counts the attempts
+        self.max_requeue_failure = max_requeue_failure  # a local job's; a SLURM job's batch shell has its own
 
     def __call__(self, spec: dict) -> dict:
+        import time
+
         from tla_jobs.config import TrainConfig
         from tla_jobs.train.loop import train
 
+        started = time.time()
         limit = getattr(self, "max_requeue_preempt", None)  # jobs pickled by older versions have none
         if limit is not None and spec.get("output_dir"):
             refuse_past_requeue_limit(Path(spec["output_dir"]), limit, getattr(self, "time_min", 0))
@@ -85,6 +93,12 @@ class TrainJob:
             slot = wait_for_slot(out, rundir_is_main(), lambda n: waiting_for_slot(out, n))
         try:
             return train(TrainConfig(**spec), max_stalled_attempts=getattr(self, "max_stalled_attempts", 0))
+        except Exception as exc:  # a local job's rank failed: requeued within the limit (exits), else raised
+            if spec.get("output_dir"):
+                from tla_jobs.jobs.retry import local_failure
+
+                local_failure(Path(spec["output_dir"]), getattr(self, "max_requeue_failure", 0), exc, started)
+            raise
         finally:
             if slot is not None:
                 slot.close()

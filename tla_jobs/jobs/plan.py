@@ -56,8 +56,8 @@ def apply_overrides(profile: Profile, nodes=None, gpus_per_node=None, time_min=N
 
 def requeue_limits(profile: Profile) -> dict:
     """What the job itself enforces when SLURM (or the host shell) brings it back."""
-    if profile.executor != "slurm":
-        return {}
+    if profile.executor != "slurm":  # a local job's failed rank asks for the requeue itself (jobs/retry.py)
+        return {"max_requeue_failure": profile.local.max_requeue_failure}
     return {"max_requeue_preempt": profile.slurm.max_requeue_preempt, "time_min": profile.slurm.time_min,
             "max_stalled_attempts": profile.slurm.max_stalled_attempts}
 

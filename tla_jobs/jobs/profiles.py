@@ -30,6 +30,7 @@ class _Strict(BaseModel):
 class LocalSettings(_Strict):
     tasks: int = Field(1, ge=1, description="processes (DDP ranks over gloo) on this machine")
     timeout_min: int = Field(24 * 60, ge=1)
+    max_requeue_failure: int = Field(2, ge=0, description="attempts that may end by a failure (0: none retried)")
 
 
 class SlurmSettings(_Strict):
@@ -45,6 +46,8 @@ class SlurmSettings(_Strict):
     signal_delay_s: int = Field(120, ge=1, description="USR2 this long before the time limit")
     max_requeue_timeout: int = Field(3, ge=0, description="attempts that may end at the time limit")
     max_requeue_preempt: int = Field(20, ge=0, description="attempts that may end by preemption")
+    max_requeue_failure: int = Field(2, ge=0, description="attempts that may end by a failure: a rank's non-zero "
+                                     "exit or signal (0: none retried)")
     max_stalled_attempts: int = Field(3, ge=1, description="attempts in a row with no new step before giving up")
     constraint: str | None = None
     exclude: str | None = None

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from tla_jobs.errors import TlaError
-from tla_jobs.jobs import containers
+from tla_jobs.jobs import containers, retry
 from tla_jobs.jobs.profiles import Profile
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -82,8 +82,9 @@ def _mem(mem_gb: float) -> str:
 
 
 def parameters(profile: Profile, name: str, dependency: str | None, mount_list: list[str],
-               array_size: int | None, parallel: int | None = None) -> dict:
-    """submitit.SlurmExecutor's parameters (its own names) for the profile."""
+               array_size: int | None, parallel: int | None = None, retry_dirs: list[str] | None = None) -> dict:
+    """submitit.SlurmExecutor's parameters (its own names) for the profile. ``retry_dirs``: a
+    training job's run directories (one per array element), whose failed steps are requeued."""
     s, c = profile.slurm, profile.container
     # sbatch reads "#SBATCH --key=value" with its own quoting: a value with spaces goes in double quotes
     extra = {"requeue": True, **{k: f'"{v}"' if isinstance(v, str) and re.search(r"\s", v) else v
@@ -92,6 +93,8 @@ def parameters(profile: Profile, name: str, dependency: str | None, mount_list: 
     if c.runtime != "none":
         extra["signal"] = f"B:USR2@{s.signal_delay_s}"
         setup += containers.host_requeue_setup(s.max_requeue_timeout + s.max_requeue_preempt)
+    elif retry_dirs and s.max_requeue_failure:
+        setup += retry.setup_lines(s.max_requeue_failure, retry_dirs)
     if dependency:
         extra["dependency"] = dependency
     params = dict(job_name=name, time=s.time_min, nodes=s.nodes, ntasks_per_node=s.tasks_per_node,
@@ -114,7 +117,7 @@ def parameters(profile: Profile, name: str, dependency: str | None, mount_list: 
 
 def executor(profile: Profile, folder: Path, name: str, run_dir: Path, data_path: str = "",
              dependency: str | None = None, array_size: int | None = None, dry_run: bool = False,
-             parallel: int | None = None):
+             parallel: int | None = None, retry_dirs: list[str] | None = None):
     """submitit's SLURM executor for the profile; with ``dry_run`` one that only renders its script
     (executors.SlurmScriptExecutor), also where SLURM is not installed."""
     import submitit
@@ -126,5 +129,5 @@ def executor(profile: Profile, folder: Path, name: str, run_dir: Path, data_path
     python = containers.step_python(c, mount_list) if c.runtime != "none" else node_python(profile)[0]
     cls = SlurmScriptExecutor if dry_run else submitit.SlurmExecutor
     ex = cls(folder, max_num_timeout=profile.slurm.max_requeue_timeout, python=python)
-    ex.update_parameters(**parameters(profile, name, dependency, mount_list, array_size, parallel))
+    ex.update_parameters(**parameters(profile, name, dependency, mount_list, array_size, parallel, retry_dirs))
     return ex

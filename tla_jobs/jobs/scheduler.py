@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
           "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "PREEMPTED_RUNNING"}
 FINAL_BAD = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+# in a view's source: accounting (sacct) did not answer in time; the states come from squeue and the runs' files
+SACCT_SILENT = "sacct did not answer"
+
 # every state a run can end in: `tla status --watch` and `--follow` stop when each run shown has one
 FINAL = FINAL_BAD | {"COMPLETED", "STOPPED", "UNKNOWN", "NOT SUBMITTED", "DAMAGED"}
 
@@ -28,7 +31,8 @@ class JobRecord:
 
 @dataclass
 class SchedulerView:
-    """What the scheduler says about a set of jobs: job id -> its records (one per attempt)."""
+    """What the scheduler says about a set of jobs: job id -> its records (one per attempt). ``source``
+    names who said it: sacct, squeue ("squeue (sacct did not answer)" when accounting timed out), none."""
 
     jobs: dict[str, list[JobRecord]] = field(default_factory=dict)
     source: str = "none"

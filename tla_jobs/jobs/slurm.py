@@ -1,16 +1,28 @@
 """SLURM, as `tla` asks it: one batched `sacct` for every job shown (`squeue` where accounting is
-missing or behind), the preflight checks against the cluster (sinfo, sacct, the partition's time
-limit, the image), and scancel."""
+missing, behind, or does not answer), the preflight checks against the cluster (sinfo, sacct, the
+partition's time limit, the image), and scancel.
+
+`tla status`, `report`, `cancel` and `logs` never wait on accounting: an overloaded or stopped
+slurmdbd leaves sacct waiting for its own timeouts (31 s measured), so sacct gets SACCT_TIMEOUT_S,
+then squeue (slurmctld, which does not wait on slurmdbd) and the runs' own files answer; the
+source says so. Within one process (`status --watch`) sacct is not asked again for a while after.
+"""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from tla_jobs.errors import TlaError
-from tla_jobs.jobs.commands import run
+from tla_jobs.jobs.commands import TIMED_OUT, run
 from tla_jobs.jobs.plan import Check
 from tla_jobs.jobs.profiles import Profile
-from tla_jobs.jobs.scheduler import ACTIVE, JobRecord, SchedulerView
+from tla_jobs.jobs.scheduler import ACTIVE, SACCT_SILENT, JobRecord, SchedulerView
+
+SACCT_TIMEOUT_S = float(os.environ.get("TLA_SACCT_TIMEOUT_S", "2"))  # then squeue: within 5 s in all
+SACCT_RETRY_S = 30.0  # after sacct did not answer, this process leaves it alone this long
+_sacct_silent_until = 0.0
 
 
 def _int(text: str) -> int:
@@ -34,11 +46,18 @@ def _base_ids(job_ids: list[str]) -> str:
 
 def query(job_ids: list[str]) -> SchedulerView:
     """One sacct call for all jobs (every attempt of a requeued job: -D); squeue when sacct has nothing."""
+    global _sacct_silent_until
     view = SchedulerView()
     if not job_ids:
         return view
-    acct = run(["sacct", "-n", "-P", "-D", "-X", "-j", _base_ids(job_ids), "-o",
-                "JobID,State,ExitCode,Start,End,ElapsedRaw,AllocTRES,NodeList,Reason"])
+    acct, silent = None, time.monotonic() < _sacct_silent_until
+    if not silent:
+        acct = run(["sacct", "-n", "-P", "-D", "-X", "-j", _base_ids(job_ids), "-o",
+                    "JobID,State,ExitCode,Start,End,ElapsedRaw,AllocTRES,NodeList,Reason"], timeout=SACCT_TIMEOUT_S,
+                   say_timeout=True)
+        silent = acct is not None and acct.returncode == TIMED_OUT
+        if silent:
+            _sacct_silent_until = time.monotonic() + SACCT_RETRY_S
     if acct is not None and acct.returncode == 0 and acct.stdout.strip():
         view.source = "sacct"
         for line in acct.stdout.splitlines():
@@ -52,7 +71,7 @@ def query(job_ids: list[str]) -> SchedulerView:
         return view
     # No accounting (or slurmdbd down): squeue knows live jobs, and finished ones for MinJobAge.
     queue = run(["squeue", "-h", "--states=all", "-j", _base_ids(job_ids), "-o", "%i|%T|%r|%N|%M|%D|%b|%S"])
-    view.source = "squeue"
+    view.source = f"squeue ({SACCT_SILENT})" if silent else "squeue"
     if queue is not None and queue.returncode == 0:
         for line in queue.stdout.splitlines():
             f = line.strip().split("|")
@@ -64,6 +83,14 @@ def query(job_ids: list[str]) -> SchedulerView:
                                 start=f[7] if len(f) > 7 else "")
                 view.jobs.setdefault(f[0], []).append(rec)
     return view
+
+
+def silent_note(sources: list[str]) -> str | None:
+    """The line `tla status` prints under its table when accounting did not answer for these runs."""
+    if any(SACCT_SILENT in s for s in sources):
+        return (f"accounting (sacct) did not answer within {SACCT_TIMEOUT_S:g} s: states from squeue and the runs' "
+                "own files")
+    return None
 
 
 def _check_live_against_squeue(view: SchedulerView, missing: list[str]) -> None:
@@ -152,11 +179,14 @@ def checks(profile: Profile) -> list[Check]:
             ok = limit is None or s.time_min <= limit
             out.append(Check("time limit", ok, f"--time {s.time_min} min vs partition MaxTime "
                                                f"{parts[s.partition][1]}"))
-    acct = run(["sacct", "-n", "-X", "-S", "now-1hours", "-o", "JobID", "--parsable2"], timeout=20)
+    acct = run(["sacct", "-n", "-X", "-S", "now-1hours", "-o", "JobID", "--parsable2"], timeout=SACCT_TIMEOUT_S,
+               say_timeout=True)
     acct_ok = bool(acct and acct.returncode == 0)
     # Without accounting jobs still run; `tla status` then reads squeue and the heartbeat.
+    silent = f"sacct did not answer within {SACCT_TIMEOUT_S:g} s" if acct and acct.returncode == TIMED_OUT else \
+        "sacct unavailable"
     out.append(Check("sacct", True, "accounting answers" if acct_ok else
-                     "sacct unavailable: status falls back to squeue and heartbeats", warning=not acct_ok))
+                     f"{silent}: status falls back to squeue and heartbeats", warning=not acct_ok))
     c = profile.container
     if (c.runtime == "apptainer" and c.image.endswith(".sif")) or (c.runtime == "pyxis" and c.image.startswith("/")):
         present = Path(c.image).is_file()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tla_jobs import rundir
-from tla_jobs.jobs import damage, local, pickles, slurm
+from tla_jobs.jobs import damage, local, pickles, retry, slurm
 from tla_jobs.jobs.attempts import attempts_of, gpu_hours, job_of, pair
 from tla_jobs.jobs.scheduler import ACTIVE, FINAL_BAD, JobRecord, SchedulerView
 
@@ -100,7 +100,8 @@ class RunStatus:
         prof = self.record.get("profile", {})
         if prof.get("executor") == "slurm":
             s = prof.get("slurm", {})
-            return 1 + s.get("max_requeue_timeout", 3) + s.get("max_requeue_preempt", 20)
+            return 1 + s.get("max_requeue_timeout", 3) + s.get("max_requeue_preempt", 20) + \
+                s.get("max_requeue_failure", 0)
         return local.MAX_ATTEMPTS
 
     @property
@@ -270,7 +271,8 @@ def decide(sched: str | None, attempt: dict | None, summary: dict | None, record
        newest submission ended ``completed``/``max_steps`` (and summary.json is there) the run is
        COMPLETED; when it ended ``error``, ``stalled`` or ``requeue limit`` it is FAILED (CANCELLED
        when that end came after a `tla cancel`, which caused it): whatever a scheduler still says
-       (sacct lags after a slurmdbd restart, squeue says COMPLETING).
+       (sacct lags after a slurmdbd restart, squeue says COMPLETING). A failure that is requeued
+       (jobs/retry.py) is not final: while the job is live, the scheduler says where it stands.
     2. The scheduler, for the newest submission (sacct; squeue when accounting is off or down; the
        process table for local jobs): a live state as it is; a final one as it is, except
        COMPLETED, which needs the trainer's or submitit's word (a program that failed is never
@@ -288,10 +290,14 @@ def decide(sched: str | None, attempt: dict | None, summary: dict | None, record
     reason = end.get("reason")
     if reason in FINAL_REASONS and summary is not None:
         return "COMPLETED", "attempts"
-    if reason in FAILED_REASONS:
+    if reason in FAILED_REASONS or reason == retry.FAILED:
         cancelled_at = record.get("cancelled_at") if record.get("cancelled") else None
         if isinstance(cancelled_at, (int, float)) and (end.get("time") or 0) >= cancelled_at - 1:
             return "CANCELLED", rundir.RUN_JSON  # it died of the cancel (stopped while it started up)
+        # a failure that is retried (jobs/retry.py), or that may be until its record says (an error
+        # of rank 0 comes just before it): the job comes back, the scheduler says how far it is
+        if sched in ACTIVE and end.get("requeue", reason == "error" and retry.retries(record)):
+            return sched, ""
         return "FAILED", "attempts"
     if sched in ACTIVE:
         return sched, ""

@@ -23,9 +23,10 @@ from tla_jobs.jobs.profiles import Profile
 
 def executor_for(profile: Profile, folder: Path, name: str, run_dir: Path, data_paths: list[str],
                   dependency: str | None = None, array_size: int | None = None, dry_run: bool = False,
-                  parallel: int | None = None):
+                  parallel: int | None = None, retry_dirs: list[Path] | None = None):
     """The submitit executor for the profile, once every value the script gets has been checked.
-    A job array runs at most ``parallel`` elements at once (SLURM: all by default; local: one per core)."""
+    A job array runs at most ``parallel`` elements at once (SLURM: all by default; local: one per core).
+    ``retry_dirs``: a training job's run directories, whose failed steps are requeued (jobs/retry.py)."""
     sbatch.check_script_values(profile, [str(run_dir.parent), str(folder), *data_paths], name)
     if profile.executor == "local":
         env = None
@@ -34,7 +35,8 @@ def executor_for(profile: Profile, folder: Path, name: str, run_dir: Path, data_
                                   parallel or local.default_parallelism(profile.local.tasks), folder)
         return local.executor(profile, folder, name, env)
     return sbatch.executor(profile, folder, name, run_dir, data_paths[0] if data_paths else "", dependency,
-                           array_size, dry_run=dry_run, parallel=parallel)
+                           array_size, dry_run=dry_run, parallel=parallel,
+                           retry_dirs=[str(d) for d in retry_dirs] if retry_dirs else None)
 
 
 def _folder(plan: Plan) -> Path:
@@ -56,7 +58,7 @@ def render(plan: Plan) -> str:
     array = len(plan.specs) if plan.kind == "sweep" else None
     ex = executor_for(plan.profile, _folder(plan), plan.name, plan.run_dir,
                        [s.get("data_path", "") for s in plan.specs], plan.dependency, array, dry_run=True,
-                       parallel=plan.parallel)
+                       parallel=plan.parallel, retry_dirs=[s.get("output_dir") or plan.run_dir for s in plan.specs])
     return ex.script(array if array and array > 1 else None)  # submitit submits a one-run array as one job
 
 
@@ -95,7 +97,7 @@ def submit_train(plan: Plan, reason: str = "submit") -> dict:
 
     spec = plan.specs[0]
     ex = executor_for(plan.profile, plan.run_dir / rundir.SUBMITIT_DIR, plan.name, plan.run_dir,
-                       [spec.get("data_path", "")], plan.dependency)
+                       [spec.get("data_path", "")], plan.dependency, retry_dirs=[plan.run_dir])
     with _queueing():
         job = ex.submit(TrainJob(**requeue_limits(plan.profile)), spec)
     entry = _submission(job, reason, plan.profile)
@@ -125,7 +127,7 @@ def submit_sweep(plans: list[Plan], profile: Profile, sweep_dir: Path, name: str
 
     specs = [p.specs[0] for p in plans]
     ex = executor_for(profile, sweep_dir, name, plans[0].run_dir, [sp.get("data_path", "") for sp in specs],
-                       array_size=len(specs), parallel=parallel)
+                       array_size=len(specs), parallel=parallel, retry_dirs=[p.run_dir for p in plans])
     with _queueing():
         jobs = ex.map_array(TrainJob(**requeue_limits(profile)), specs)
     out = []

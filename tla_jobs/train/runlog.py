@@ -73,9 +73,13 @@ class RunLog:
         n = max_stalled_attempts
         if not n:
             return
-        starts = [e.get("global_step") for e in read_jsonl(self.out / rundir.ATTEMPTS) if e.get("event") == "start"]
+        rows = read_jsonl(self.out / rundir.ATTEMPTS)
+        starts = [e.get("global_step") for e in rows if e.get("event") == "start"]
         if len(starts) > n and len(set(starts[-(n + 1):])) == 1:
             msg = f"no progress in the last {n} attempts (all stopped before step {p.global_step + 1}); not continuing"
+            error = next((e["error"] for e in reversed(rows) if e.get("event") == "end" and e.get("error")), None)
+            if error:  # a failure that repeats at the same step: say which
+                msg += f"; last error: {error}"
             self.record_attempt("end", p, reason="stalled", error=msg)
             raise TlaError(msg)
 
