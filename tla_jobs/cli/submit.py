@@ -20,12 +20,25 @@ PROFILE_HELP = ("Cluster profile: a name (`tla cluster list` shows them: $TLA_CL
                 "~/.config/tla/clusters, the built-in examples) or a YAML path.")
 
 
+def _warn(specs: list[dict]) -> None:
+    """The recipe's warnings (TrainConfig.warnings), each once, on stderr: allowed, but said."""
+    from tla_jobs.config import TrainConfig
+
+    said: list[str] = []
+    for spec in specs:
+        said += [w for w in TrainConfig(**spec).warnings() if w not in said]
+    for line in said:
+        typer.echo(f"tla: warning: {line}", err=True)
+
+
 def _profile(name: str, overrides: dict):
     from pydantic import ValidationError
 
+    from tla_jobs import envvars
     from tla_jobs.jobs import profiles
     from tla_jobs.jobs.plan import apply_overrides
 
+    envvars.check_job_env()  # what the job inherits (TLA_CPU_THREADS ...): refused here, not in every rank
     prof = profiles.load(name)
     try:
         return apply_overrides(prof, **overrides)
@@ -87,6 +100,7 @@ def submit_train(
     if dry_run:
         _show_plan(plan)
     refuse_failed(plan.checks)
+    _warn(plan.specs)
     if dry_run:
         return
     entry = submit_new_run(plan)
@@ -135,6 +149,7 @@ def submit_sweep(
         _show_plan(whole)
         console.print("[bold]runs[/]: " + ", ".join(p.name for p in runs))
     refuse_failed(whole.checks)
+    _warn(whole.specs)
     if dry_run:
         return
     entries = sweep.submit(whole, runs)

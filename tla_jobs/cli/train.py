@@ -24,11 +24,15 @@ def train_command(train_kwargs: dict) -> None:
     --output-dir resumes from its newest good checkpoint. SIGUSR2/SIGTERM checkpoint and stop
     (exit code 75).
     """
+    from tla_jobs import envvars
     from tla_jobs.config import TrainConfig
     from tla_jobs.train.preflight import check_config
 
     cfg = TrainConfig(**train_kwargs)
     check_config(cfg)  # the model checks (meta device) before any data, process group or file
+    for line in cfg.warnings():  # allowed, but said once: only rank 0 of a multi-process run says it
+        if envvars.rank() == 0:
+            typer.echo(f"tla: warning: {line}", err=True)
     from tla_jobs.train.loop import train
 
     result = train(cfg)

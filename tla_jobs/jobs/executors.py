@@ -12,6 +12,9 @@ renders and submits through these classes with every submitit release pyproject 
   ("the implementation is simpler than for clusters"), and starts the same controller with the
   same ``SUBMITIT_LOCAL_*`` environment, in a new session, output to a log file. It also takes
   extra environment variables for the job (the thread count of each element of a local sweep).
+- ``SlurmExecutor``: submitit's, with a '%' in the folder escaped on the script's --output/--error
+  (SLURM reads % as a filename pattern there), by rewriting the text ``_make_submission_file_text``
+  returns: submitit has no parameter for it.
 - ``SlurmScriptExecutor``: a dry run shows the very sbatch script submitit would submit, on a
   machine without SLURM (a laptop preparing a submission). ``SlurmExecutor.__init__`` refuses to
   build where ``srun`` is missing: ``affinity`` (public) says it is available here. ``script()``
@@ -59,7 +62,37 @@ class DetachedLocalExecutor(submitit.LocalExecutor):
                                  tasks=list(range(ntasks)))
 
 
-class SlurmScriptExecutor(submitit.SlurmExecutor):
+def escape_slurm_pattern(path: str) -> str:
+    """``path`` for sbatch's and srun's --output/--error, which read %j, %x, %5a ... as filename
+    patterns and "%%" as a literal "%" (sbatch(1), "filename pattern")."""
+    return path.replace("%", "%%")
+
+
+class SlurmExecutor(submitit.SlurmExecutor):
+    """submitit's SlurmExecutor, whose script has a literal '%' of its folder escaped.
+
+    submitit writes --output/--error (on #SBATCH lines and on the srun line) as its folder followed
+    by its own patterns (%j_%t_log.out), unescaped: a runs root such as /tmp/50%x would have SLURM
+    write the logs to /tmp/50<job name>/... where neither tla nor submitit looks. The folder part
+    is escaped here, in the text submitit generated, so every '%' SLURM expands is submitit's own.
+    (submitit itself reads %j, %t, %A and %a in its folder as the job's ids, with no escape: such a
+    folder is refused before this, sbatch.check_script_values.)"""
+
+    def _make_submission_file_text(self, command: str, uid: str) -> str:
+        text = super()._make_submission_file_text(command, uid)
+        folder = str(self.folder)
+        if "%" not in folder:
+            return text
+        escaped = escape_slurm_pattern(folder)
+        for kind in ("out", "err"):
+            for ids in ("%j", "%A_%a"):
+                for task in ("%t", "0"):
+                    tail = f"/{ids}_{task}_log.{kind}"  # submitit's JobPaths.stdout/stderr, as the script has them
+                    text = text.replace(shlex.quote(folder + tail), shlex.quote(escaped + tail))
+        return text
+
+
+class SlurmScriptExecutor(SlurmExecutor):
     @classmethod
     def affinity(cls) -> int:
         return 1  # a dry run needs no srun here

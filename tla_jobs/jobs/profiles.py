@@ -53,6 +53,28 @@ class SlurmSettings(_Strict):
     python: str | None = Field(None, description="the interpreter on the nodes (default: `python` after the setup "
                                "lines, or the submitting interpreter when there are none)")
 
+    @model_validator(mode="after")
+    def _python(self) -> SlurmSettings:
+        if self.python:  # empty: the default, as when absent
+            python_words(self.python, "slurm.python")
+        return self
+
+
+def python_words(value: str, where: str) -> list[str]:
+    """An interpreter setting (slurm.python, container.python) as the words of its command line,
+    the way a shell would split it; each word is quoted again where the batch script gets it, so
+    `python; id #` is three words given to an interpreter named `python;`, never a second command."""
+    import shlex
+
+    try:
+        words = shlex.split(value)
+    except ValueError as exc:  # "No closing quotation", "No escaped character"
+        raise ValueError(f"{value!r} cannot be split into words ({exc}): {where} is a command line, "
+                         "e.g. python or /opt/env/bin/python -X faulthandler") from None
+    if not words:
+        raise ValueError(f"{where} is empty: name the interpreter, e.g. python")
+    return words
+
 
 class ContainerSettings(_Strict):
     runtime: Literal["none", "pyxis", "apptainer", "podman"] = "none"
@@ -61,6 +83,11 @@ class ContainerSettings(_Strict):
     workdir: str | None = None
     extra_flags: list[str] = Field(default_factory=list)
     python: str = "python"
+
+    @model_validator(mode="after")
+    def _python(self) -> ContainerSettings:
+        python_words(self.python, "container.python")
+        return self
 
     @model_validator(mode="after")
     def _image(self) -> ContainerSettings:
@@ -173,8 +200,9 @@ def available() -> list[str]:
     return list(sources())
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently).
+    Profiles and `--config` recipes (config.load_config_file) are read with it."""
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -193,7 +221,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def parse(text: str, source: str, name: str) -> Profile:
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -26,7 +26,7 @@ def executor_for(profile: Profile, folder: Path, name: str, run_dir: Path, data_
                   parallel: int | None = None):
     """The submitit executor for the profile, once every value the script gets has been checked.
     A job array runs at most ``parallel`` elements at once (SLURM: all by default; local: one per core)."""
-    sbatch.check_script_values(profile, [str(run_dir.parent), str(folder), *data_paths], name)
+    sbatch.check_script_values(profile, [str(run_dir.parent), str(folder), *data_paths], name, folder=str(folder))
     if profile.executor == "local":
         env = None
         if array_size:

@@ -23,7 +23,7 @@ from typing import NoReturn
 
 import torch
 
-from tla_jobs import __version__, rundir
+from tla_jobs import __version__, envvars, rundir
 from tla_jobs.align.attention import resolve_path
 from tla_jobs.config import TrainConfig
 from tla_jobs.errors import TlaError
@@ -59,7 +59,7 @@ def train(cfg: TrainConfig, max_stalled_attempts: int = 0) -> dict:
     data, num_classes, model = setup.preflight(cfg)
     out = setup.output_dir(cfg)
     world = tdist.expected_world_size()
-    if world > 1 and int(os.environ.get("RANK", "0")) == 0 and not cfg.eval_only:
+    if world > 1 and envvars.rank() == 0 and not cfg.eval_only:
         waiting_for_ranks(out, world)
     info = tdist.init()
     stop = signals.StopSignals()
