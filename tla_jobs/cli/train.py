@@ -8,6 +8,7 @@ import typer
 
 from tla_jobs.cli.options import with_train_options
 from tla_jobs.cli.root import app, guard
+from tla_jobs.errors import TlaError
 
 data_app = typer.Typer(help="Prepare the small datasets that ship with packages.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -29,10 +30,11 @@ def train_command(train_kwargs: dict) -> None:
     from tla_jobs.train.preflight import check_config
 
     cfg = TrainConfig(**train_kwargs)
+    envvars.check_trainer_env()  # before torch is imported: TLA_CPU_THREADS=abc is one line, at once
+    problem = cfg.schedule_error(envvars.world_size())  # torchrun's WORLD_SIZE (the trainer checks it again)
+    if problem:
+        raise TlaError(problem)
     check_config(cfg)  # the model checks (meta device) before any data, process group or file
-    for line in cfg.warnings():  # allowed, but said once: only rank 0 of a multi-process run says it
-        if envvars.rank() == 0:
-            typer.echo(f"tla: warning: {line}", err=True)
     from tla_jobs.train.loop import train
 
     result = train(cfg)

@@ -169,6 +169,8 @@ def prepare(name: str, dest: str | os.PathLike, limit: int | None = None,
     if (dest / MARKER).is_file():
         check_prepared(name, dest)
         return dest
+    if dest.is_symlink() and not dest.exists():
+        raise DataError(f"{dest} is a broken link or a link loop: remove it or point it at a folder")
     with locked(dest.parent / f".{dest.name}.prepare"):
         if (dest / MARKER).is_file():  # another process prepared it while this one waited
             check_prepared(name, dest)
@@ -180,8 +182,6 @@ def prepare(name: str, dest: str | os.PathLike, limit: int | None = None,
 def _prepare(name: str, dest: Path, limit: int | None, progress: Callable[[int, int], None] | None) -> None:
     from PIL import Image
 
-    if dest.is_symlink() and not dest.exists():
-        raise DataError(f"{dest} is a broken link or a link loop: remove it or point it at a folder")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise DataError(f"{dest} exists and is not a prepared dataset; choose an empty or new folder")
     classes, total, samples = _fashion_mnist(limit) if name == "fashion-mnist" else _digits(limit)

@@ -58,7 +58,8 @@ def apply_overrides(profile: Profile, nodes=None, gpus_per_node=None, time_min=N
 
             raise TlaError(f"{', '.join(typed)}: SLURM option{'s' if len(typed) > 1 else ''}, but profile "
                            f"{profile.name} uses the local executor (one machine; its time limit is the "
-                           "profile's local.timeout_min): drop it, or choose a SLURM profile with --cluster")
+                           f"profile's local.timeout_min): drop {'them' if len(typed) > 1 else 'it'}, or choose a "
+                           "SLURM profile with --cluster")
     slurm = profile.slurm.model_copy(update={k: v for k, v in dict(
         nodes=nodes, gpus_per_node=gpus_per_node, time_min=time_min, partition=partition,
         tasks_per_node=tasks_per_node).items() if v is not None})

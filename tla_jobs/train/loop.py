@@ -58,6 +58,7 @@ def train(cfg: TrainConfig, max_stalled_attempts: int = 0) -> dict:
     os.environ.setdefault("PYTHONHASHSEED", "0")
     data, num_classes, model = setup.preflight(cfg)
     out = setup.output_dir(cfg)
+    setup.say_warnings(cfg)
     world = tdist.expected_world_size()
     if world > 1 and envvars.rank() == 0 and not cfg.eval_only:
         waiting_for_ranks(out, world)

@@ -93,6 +93,14 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, int, torch.nn.Module]:
     return data, num_classes, model
 
 
+def say_warnings(cfg: TrainConfig) -> None:
+    """The recipe's warnings (TrainConfig.warnings: allowed, but probably not meant), one line each on
+    stderr, by rank 0 only, once the checks that refuse input have passed (a refusal stays one line)."""
+    if envvars.rank() == 0:
+        for line in cfg.warnings():
+            print(f"tla: warning: {line}", file=sys.stderr, flush=True)
+
+
 def output_dir(cfg: TrainConfig) -> Path:
     """The run folder (created): --output-dir, or for --eval-only the checkpoint's folder."""
     out = Path(cfg.output_dir).expanduser() if cfg.output_dir else None
