@@ -129,6 +129,13 @@ def test_a_warm_up_longer_than_the_run_is_one_warning_not_a_refusal(world, digit
                "--epochs", "1", "--warmup-epochs", "0", "--dry-run", timeout=TIMEOUT)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
     assert not env["runs"].exists()
+    # the trainer says it once too, with the run's first lines (in its log as well)
+    out = env["runs"].parent / "warm"
+    proc = tla(env, "train", "--output-dir", out, "--dataset", "digits", "--data-path", digits, *NANO, "--epochs", "1",
+               "--max-steps", "1", "--batch-size", "32", timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    said = [ln for ln in proc.stderr.splitlines() if "--warmup-epochs 5 is not shorter than --epochs 1" in ln]
+    assert len(said) == 1 and "WARNING" in said[0], proc.stderr
 
 
 # --------------------------------------------------------------------------------------- config files

@@ -100,10 +100,11 @@ def submit_train(
     if dry_run:
         _show_plan(plan)
     refuse_failed(plan.checks)
-    _warn(plan.specs)
     if dry_run:
+        _warn(plan.specs)
         return
     entry = submit_new_run(plan)
+    _warn(plan.specs)  # once it is queued: a refusal stays one line
     _announce({"run": name, "run_dir": str(plan.run_dir), **entry}, as_json, follow, plan.run_dir,
               f"submitted [bold]{name}[/] as {profile.executor} job {entry['job_id']}  ({plan.run_dir})")
 
@@ -149,10 +150,11 @@ def submit_sweep(
         _show_plan(whole)
         console.print("[bold]runs[/]: " + ", ".join(p.name for p in runs))
     refuse_failed(whole.checks)
-    _warn(whole.specs)
     if dry_run:
+        _warn(whole.specs)
         return
     entries = sweep.submit(whole, runs)
+    _warn(whole.specs)
     if as_json:
         typer.echo(json.dumps([{"run": p.name, **e} for p, e in zip(runs, entries)]))
     else:

@@ -58,7 +58,6 @@ def train(cfg: TrainConfig, max_stalled_attempts: int = 0) -> dict:
     os.environ.setdefault("PYTHONHASHSEED", "0")
     data, num_classes, model = setup.preflight(cfg)
     out = setup.output_dir(cfg)
-    setup.say_warnings(cfg)
     world = tdist.expected_world_size()
     if world > 1 and envvars.rank() == 0 and not cfg.eval_only:
         waiting_for_ranks(out, world)
@@ -92,6 +91,7 @@ def fit(run: Run, p: Progress, resumed_from: dict | None, max_stalled_attempts: 
         run.images, run.num_classes, cfg.epochs, run.train.steps_per_epoch, cfg.batch_size * info.world_size,
         run.lr, info.world_size, info.device, ", compiled" if cfg.compile else "",
     )
+    setup.say_warnings(cfg, info.is_main)  # with the run's first lines: a refusal before them stays one line
     run.stop.install()
     run.curves = Curves(cfg, run.out, info.is_main, p.global_step)
     end_reason = "completed"

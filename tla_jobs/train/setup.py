@@ -93,12 +93,13 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, int, torch.nn.Module]:
     return data, num_classes, model
 
 
-def say_warnings(cfg: TrainConfig) -> None:
-    """The recipe's warnings (TrainConfig.warnings: allowed, but probably not meant), one line each on
-    stderr, by rank 0 only, once the checks that refuse input have passed (a refusal stays one line)."""
-    if envvars.rank() == 0:
+def say_warnings(cfg: TrainConfig, is_main: bool) -> None:
+    """The recipe's warnings (TrainConfig.warnings: allowed, but probably not meant), one line each in
+    the run's log (and so on stderr), by rank 0, as training starts: after every check that refuses
+    input, so that a refusal stays one line."""
+    if is_main:
         for line in cfg.warnings():
-            print(f"tla: warning: {line}", file=sys.stderr, flush=True)
+            logging.getLogger("tla").warning(line)
 
 
 def output_dir(cfg: TrainConfig) -> Path:
