@@ -202,6 +202,18 @@ def test_slurm_options_on_the_local_executor_are_refused(world, digits, args, fl
     assert not env["runs"].exists()
 
 
+@pytest.mark.parametrize("args,flag", [
+    (["--tasks-per-node", "100000"], "--tasks-per-node"),  # that many processes on this machine
+    (["--cluster", str(PROFILES / "slurm-gpu.yaml"), "--nodes", "10000000"], "--nodes"),
+    (["--cluster", str(PROFILES / "slurm-gpu.yaml"), "--time", "99999999"], "--time"),
+])
+def test_absurd_resources_are_refused(world, digits, args, flag):
+    env, _, _ = world
+    refused(world, ["submit", "train", "--name", "res", "--dataset", "digits", "--data-path", digits, *NANO, *args,
+                    "--dry-run"], flag)
+    assert not env["runs"].exists()
+
+
 # --------------------------------------------------------------------------------------- environment
 
 ENV_CASES = [
@@ -306,6 +318,38 @@ def test_a_percent_in_the_runs_root_is_escaped_on_output_and_error(tmp_path, dig
     assert srun[srun.index("--error") + 1] == f"{escaped}/r/submitit/%j_%t_log.err"
     assert srun[-1] == f"{root}/r/submitit"  # the job's own folder argument: not a pattern, not escaped
     subprocess.run(["bash", "-n"], input=script, text=True, check=True, timeout=TIMEOUT)
+
+
+def test_a_real_submission_escapes_the_percent_as_the_dry_run_does(tmp_path, digits, monkeypatch):
+    """Through submitit's own submission (a stand-in `sbatch` on PATH that only answers with a job id):
+    the script it writes has the runs root's '%' escaped, one job and a job array alike."""
+    from submitit.core.utils import JobPaths
+
+    from tla_jobs.jobs import profiles, submit
+    from tla_jobs.jobs.plan import Plan
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'Submitted batch job 4242'\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    prof = profiles.load(str(PROFILES / "slurm-gpu.yaml"))
+    root = tmp_path / "50%x"
+    run_dir = root / "one"
+    spec = {"model": "deit_small_patch16_224", "data_path": str(digits), "output_dir": str(run_dir)}
+    ex = submit.executor_for(prof, run_dir / "submitit", "one", run_dir, [str(digits)])
+    job = ex.submit(print, "never runs")
+    written = JobPaths(ex.folder, job.job_id).submission_file.read_text()
+    assert written == submit.render(Plan("one", run_dir, prof, [spec]))
+    assert f"#SBATCH --output={tmp_path}/50%%x/one/submitit/%j_0_log.out" in written.splitlines(), written
+    sweep_dir = root / ".sweep-sw"
+    ex = submit.executor_for(prof, sweep_dir, "sw", run_dir, [str(digits)] * 2, array_size=2)
+    jobs = ex.map_array(print, ["a", "b"])
+    written = JobPaths(ex.folder, jobs[0].job_id).submission_file.read_text()
+    assert f"#SBATCH --error={tmp_path}/50%%x/.sweep-sw/%A_%a_0_log.err" in written.splitlines(), written
+    assert f"--output {tmp_path}/50%%x/.sweep-sw/%A_%a_%t_log.out " in written
 
 
 @pytest.mark.parametrize("tag", ["%j", "%t", "%A", "%a"])

@@ -78,6 +78,20 @@ class SlurmExecutor(submitit.SlurmExecutor):
     (submitit itself reads %j, %t, %A and %a in its folder as the job's ids, with no escape: such a
     folder is refused before this, sbatch.check_script_values.)"""
 
+    def _internal_process_submissions(self, delayed_submissions):
+        if len(delayed_submissions) == 1 or "%" not in str(self.folder):
+            return super()._internal_process_submissions(delayed_submissions)
+        # A job array's script is written by a fresh executor that submitit builds by the module's
+        # name (slurm.SlurmExecutor(self.folder, ...)), not type(self): for that call the name is this
+        # class, so that the array's script is escaped as well (tla submits from one thread).
+        from submitit.slurm import slurm as module
+
+        original, module.SlurmExecutor = module.SlurmExecutor, SlurmExecutor
+        try:
+            return super()._internal_process_submissions(delayed_submissions)
+        finally:
+            module.SlurmExecutor = original
+
     def _make_submission_file_text(self, command: str, uid: str) -> str:
         text = super()._make_submission_file_text(command, uid)
         folder = str(self.folder)

@@ -27,22 +27,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+# Upper bounds, far above any cluster's (a year of minutes; a thousand ranks per node), so that a typo
+# such as --tasks-per-node 100000 (that many processes on this machine) is refused, not started.
+MAX_MINUTES = 366 * 24 * 60
+
+
 class LocalSettings(_Strict):
-    tasks: int = Field(1, ge=1, description="processes (DDP ranks over gloo) on this machine")
-    timeout_min: int = Field(24 * 60, ge=1)
+    tasks: int = Field(1, ge=1, le=1024, description="processes (DDP ranks over gloo) on this machine")
+    timeout_min: int = Field(24 * 60, ge=1, le=MAX_MINUTES)
 
 
 class SlurmSettings(_Strict):
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    nodes: int = Field(1, ge=1)
-    tasks_per_node: int = Field(1, ge=1, description="one task per GPU")
-    gpus_per_node: int = Field(0, ge=0)
-    cpus_per_task: int = Field(1, ge=1)
-    mem_gb: float | None = Field(None, gt=0)
-    time_min: int = Field(60, ge=1, description="time limit of one attempt, minutes")
-    signal_delay_s: int = Field(120, ge=1, description="USR2 this long before the time limit")
+    nodes: int = Field(1, ge=1, le=100_000)
+    tasks_per_node: int = Field(1, ge=1, le=1024, description="one task per GPU")
+    gpus_per_node: int = Field(0, ge=0, le=1024)
+    cpus_per_task: int = Field(1, ge=1, le=100_000)
+    mem_gb: float | None = Field(None, gt=0, le=1_000_000)
+    time_min: int = Field(60, ge=1, le=MAX_MINUTES, description="time limit of one attempt, minutes")
+    signal_delay_s: int = Field(120, ge=1, le=24 * 3600, description="USR2 this long before the time limit")
     max_requeue_timeout: int = Field(3, ge=0, description="attempts that may end at the time limit")
     max_requeue_preempt: int = Field(20, ge=0, description="attempts that may end by preemption")
     max_stalled_attempts: int = Field(3, ge=1, description="attempts in a row with no new step before giving up")
