@@ -138,10 +138,8 @@ class TrainConfig(BaseModel):
                               "tensorboard package: without it, one warning and none are written)")
     wandb: bool = Field(False, description="log the curves to Weights & Biases too (needs the wandb package; "
                         "project from WANDB_PROJECT, default tla; WANDB_MODE=offline on nodes without internet)")
-    max_steps: int | None = Field(None, gt=0, le=10**12,
-                                  description="stop after this many optimizer steps (smoke runs)")
-    step_delay: float = Field(0.0, ge=0, le=3600,
-                              description="sleep after each step (tests that must catch a run mid-epoch)")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (smoke runs)")
+    step_delay: float = Field(0.0, ge=0, description="sleep after each step (tests that must catch a run mid-epoch)")
     step_delay_once: bool = Field(False, description="with --step-delay: sleep only until SLURM first requeues the "
                                   "job (tests that stop a run once, then wait for it to finish)")
 
@@ -174,6 +172,14 @@ class TrainConfig(BaseModel):
         if self.tl_align and self.cutmix > 0 and not self.cutmix_grid:
             raise ValueError("TL-Align needs CutMix on the patch grid (--cutmix-grid)")
         return self
+
+    @field_validator("max_steps", "step_delay")
+    @classmethod
+    def _bounded(cls, v, info: ValidationInfo):
+        limit = {"max_steps": 10**12, "step_delay": 3600}[info.field_name]  # as the Field bounds above
+        if v is not None and v > limit:
+            raise ValueError(f"Input should be less than or equal to {limit}")
+        return v
 
     @field_validator("min_lr", "warmup_lr")
     @classmethod
