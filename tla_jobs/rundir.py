@@ -75,13 +75,20 @@ EXIT_SUPERSEDED = 76  # a newer attempt of the same run took over (e.g. a requeu
 
 def job_identity() -> dict:
     """Who is running this attempt: SLURM job/array ids and restart count, or the local job id."""
+    from tla_jobs import envvars
+    from tla_jobs.errors import TlaError
+
     env = os.environ
+    try:
+        restarts = envvars.restart_count()
+    except TlaError:  # not a count: 0 here (this record is written whatever the environment says);
+        restarts = 0  # the trainer's preflight names the variable (envvars.check_trainer_env)
     job_id = env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID") or ""
     if env.get("SLURM_ARRAY_JOB_ID"):
         job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}"
     return {
         "job_id": job_id,
-        "restart_count": int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+        "restart_count": restarts,
         "host": socket.gethostname(),
         "pid": os.getpid(),
         **procs.identity(os.getpid()),  # what proves later that a process with this PID is this one

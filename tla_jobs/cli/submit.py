@@ -21,12 +21,25 @@ PROFILE_HELP = ("Cluster profile: a name (`tla cluster list` shows them: $TLA_CL
                 "~/.config/tla/clusters, the built-in examples) or a YAML path.")
 
 
+def _warn(specs: list[dict]) -> None:
+    """The recipe's warnings (TrainConfig.warnings), each once, on stderr: allowed, but said."""
+    from tla_jobs.config import TrainConfig
+
+    said: list[str] = []
+    for spec in specs:
+        said += [w for w in TrainConfig(**spec).warnings() if w not in said]
+    for line in said:
+        typer.echo(f"tla: warning: {line}", err=True)
+
+
 def _profile(name: str, overrides: dict):
     from pydantic import ValidationError
 
+    from tla_jobs import envvars
     from tla_jobs.jobs import profiles
     from tla_jobs.jobs.plan import apply_overrides
 
+    envvars.check_job_env()  # what the job inherits (TLA_CPU_THREADS ...): refused here, not in every rank
     prof = profiles.load(name)
     try:
         return apply_overrides(prof, **overrides)
@@ -90,8 +103,10 @@ def submit_train(
         _show_plan(plan)
     refuse_failed(plan.checks)
     if dry_run:
+        _warn(plan.specs)
         return
     entry = submit_new_run(plan)
+    _warn(plan.specs)  # once it is queued: a refusal stays one line
     _announce({"run": name, "run_dir": str(plan.run_dir), **entry}, as_json, follow, plan.run_dir,
               f"submitted [bold]{name}[/] as {profile.executor} job {entry['job_id']}  ({escape(str(plan.run_dir))})")
 
@@ -138,8 +153,10 @@ def submit_sweep(
         console.print("[bold]runs[/]: " + ", ".join(p.name for p in runs))
     refuse_failed(whole.checks)
     if dry_run:
+        _warn(whole.specs)
         return
     entries = sweep.submit(whole, runs)
+    _warn(whole.specs)
     if as_json:
         typer.echo(json.dumps([{"run": p.name, **e} for p, e in zip(runs, entries)]))
     else:

@@ -8,6 +8,7 @@ import typer
 
 from tla_jobs.cli.options import with_train_options
 from tla_jobs.cli.root import app, guard
+from tla_jobs.errors import TlaError
 
 data_app = typer.Typer(help="Prepare the small datasets that ship with packages.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -24,10 +25,15 @@ def train_command(train_kwargs: dict) -> None:
     --output-dir resumes from its newest good checkpoint. SIGUSR2/SIGTERM checkpoint and stop
     (exit code 75).
     """
+    from tla_jobs import envvars
     from tla_jobs.config import TrainConfig
     from tla_jobs.train.preflight import check_config
 
     cfg = TrainConfig(**train_kwargs)
+    envvars.check_trainer_env()  # before torch is imported: TLA_CPU_THREADS=abc is one line, at once
+    problem = cfg.schedule_error(envvars.world_size())  # torchrun's WORLD_SIZE (the trainer checks it again)
+    if problem:
+        raise TlaError(problem)
     check_config(cfg)  # the model checks (meta device) before any data, process group or file
     from tla_jobs.train.loop import train
 

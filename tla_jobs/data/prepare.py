@@ -5,8 +5,13 @@
 - digits: scikit-learn's bundled 8x8 digits (1,797 images), every 5th image of a class held out.
 
 Nothing is downloaded. The folder is built beside its destination and renamed into place when
-complete, so a crash leaves no half-written dataset and several ranks preparing it at once are
-harmless (the first rename wins; the others find the finished folder).
+complete, so a crash leaves no half-written dataset. Several ranks (or jobs) asking for the same
+folder at once take turns on a lock file beside it (.NAME.prepare.lock): one prepares, the others
+wait and find the finished folder.
+
+A prepared folder carries a marker (.tla-dataset: which dataset, how many images), which is how
+`--dataset digits` on a Fashion-MNIST folder (or the other way round) is told apart from a folder
+that holds what was asked for (check_prepared).
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ FMNIST_DIR = Path(os.environ.get("TLA_FMNIST_DIR", "/usr/share/datasets/fashion-
 FMNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                   "ankle-boot")
 NAMES = ("fashion-mnist", "digits")
+# The class folders each bundled dataset is written with (the second signal, beside the marker).
+CLASSES = {"fashion-mnist": [f"{i}-{name}" for i, name in enumerate(FMNIST_CLASSES)],
+           "digits": [str(i) for i in range(10)]}
+MARKER_MAX_BYTES = 4096  # the marker is one short JSON line; a larger file is not one
 
 Sample = tuple[str, int, np.ndarray]  # split, label, HxW uint8 image
 
@@ -78,8 +87,7 @@ def _fashion_mnist(limit: int | None) -> tuple[list[str], int, Iterator[Sample]]
             for img, y in zip(images, labels.tolist()):
                 yield split, y, img
 
-    classes = [f"{i}-{name}" for i, name in enumerate(FMNIST_CLASSES)]
-    return classes, sum(len(p[2]) for p in parts), samples()
+    return CLASSES["fashion-mnist"], sum(len(p[2]) for p in parts), samples()
 
 
 def _digits(limit: int | None) -> tuple[list[str], int, Iterator[Sample]]:
@@ -97,19 +105,83 @@ def _digits(limit: int | None) -> tuple[list[str], int, Iterator[Sample]]:
     keep = np.concatenate([np.flatnonzero(split == "train")[_limited(labels[split == "train"], limit)],
                            np.flatnonzero(split == "val")[_limited(labels[split == "val"], limit)]])
     keep.sort()
-    return [str(i) for i in range(10)], len(keep), ((split[i], int(labels[i]), images[i]) for i in keep)
+    return CLASSES["digits"], len(keep), ((split[i], int(labels[i]), images[i]) for i in keep)
+
+
+def marker_name(dest: Path) -> str | None:
+    """The dataset a prepared folder's marker names; None without a marker. A marker that is not
+    one (not a small JSON object with a name) is a DataError."""
+    marker = dest / MARKER
+    try:
+        if not marker.is_file():
+            return None
+        with open(marker, "rb") as f:
+            raw = f.read(MARKER_MAX_BYTES + 1)
+        data = json.loads(raw.decode("utf-8")) if len(raw) <= MARKER_MAX_BYTES else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        raise DataError(f"{marker} is not a dataset marker `tla data prepare` wrote: remove the folder and "
+                        "prepare it again")
+    return data["name"]
+
+
+def check_prepared(name: str, dest: str | os.PathLike) -> None:
+    """``dest`` holds the bundled dataset ``name``: its marker names it and its class folders are
+    that dataset's. `--dataset fashion-mnist` on a digits folder is one line, not a run that trains
+    on the wrong data under the wrong name."""
+    dest = Path(dest).expanduser()
+    found = marker_name(dest)
+    if found is None:
+        try:
+            own = dest.is_dir() and any(e for e in os.scandir(dest) if not e.name.startswith("."))
+        except OSError:
+            own = False
+        if own:  # prepare() would refuse it only once the job runs
+            raise DataError(f"--dataset {name}: {dest} is not a folder `tla data prepare {name}` made (no "
+                            f"{MARKER}): use --dataset imagefolder for your own images, or a new --data-path")
+        return
+    if found != name:
+        raise DataError(f"--dataset {name}, but {dest} holds {found} (its {MARKER} says so): use --dataset "
+                        f"{found}, or another --data-path for {name}")
+    try:
+        classes = sorted(e.name for e in os.scandir(dest / "train") if e.is_dir() and not e.name.startswith("."))
+    except OSError:
+        return  # the folder check names what is missing
+    if name in CLASSES and classes != sorted(CLASSES[name]):
+        raise DataError(f"--dataset {name}: {dest / 'train'} does not hold {name}'s class folders "
+                        f"({', '.join(classes[:4])}{', ...' if len(classes) > 4 else ''}): prepare it again "
+                        "into a new folder, or use --dataset imagefolder")
 
 
 def prepare(name: str, dest: str | os.PathLike, limit: int | None = None,
             progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write dataset `name` to DEST/{train,val}/CLASS/N.png and return DEST (kept if already prepared)."""
-    from PIL import Image
+    """Write dataset `name` to DEST/{train,val}/CLASS/N.png and return DEST (kept if already prepared).
+
+    One process at a time prepares a given DEST (an flock on .DEST.prepare.lock beside it, which
+    also holds across the nodes of a shared filesystem with lockd): ranks that start together wait
+    for the first, then find its finished folder."""
+    from tla_jobs.fsutil import locked
 
     if name not in NAMES:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(NAMES)}")
     dest = Path(dest).expanduser().absolute()
     if (dest / MARKER).is_file():
+        check_prepared(name, dest)
         return dest
+    if dest.is_symlink() and not dest.exists():
+        raise DataError(f"{dest} is a broken link or a link loop: remove it or point it at a folder")
+    with locked(dest.parent / f".{dest.name}.prepare"):
+        if (dest / MARKER).is_file():  # another process prepared it while this one waited
+            check_prepared(name, dest)
+            return dest
+        _prepare(name, dest, limit, progress)
+    return dest
+
+
+def _prepare(name: str, dest: Path, limit: int | None, progress: Callable[[int, int], None] | None) -> None:
+    from PIL import Image
+
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise DataError(f"{dest} exists and is not a prepared dataset; choose an empty or new folder")
     classes, total, samples = _fashion_mnist(limit) if name == "fashion-mnist" else _digits(limit)
@@ -126,15 +198,8 @@ def prepare(name: str, dest: str | os.PathLike, limit: int | None = None,
             if progress and (n % 500 == 0 or n + 1 == total):
                 progress(n + 1, total)
         (tmp / MARKER).write_text(json.dumps({"name": name, "limit": limit, **counts}) + "\n")
-        if dest.is_dir():
-            dest.rmdir()  # empty (checked above)
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not (dest / MARKER).is_file():  # not another rank's finished copy: a real problem
-                raise
+        os.rename(tmp, dest)  # atomic; replaces an empty folder at dest (checked above)
     except OSError as exc:
         raise DataError(f"cannot prepare {name} in {dest}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dest

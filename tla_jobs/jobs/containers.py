@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import shlex
 
-from tla_jobs.jobs.profiles import ContainerSettings
+from tla_jobs.jobs.profiles import ContainerSettings, python_words
+
+# Python ignores ~/.local/lib/pythonX.Y/site-packages with this set. Apptainer binds $HOME, and a site
+# may mount it into Pyxis or podman containers too: a user's `pip install --user` torch would then
+# shadow the image's, a different torch than the one the image was tested with. Set in every step.
+NO_USER_SITE = "PYTHONNOUSERSITE"
 
 # Environment the trainer needs from the host inside the container: SLURM's and submitit's
 # variables (ranks, job id) and ours.
@@ -60,14 +65,15 @@ PODMAN_STEP = "; ".join([  # one line: the srun line of the batch script stays o
 
 
 def step_python(container: ContainerSettings, mount_list: list[str]) -> str:
-    """The "python" submitit puts on the srun line: the interpreter inside the container."""
-    py = container.python
+    """The "python" submitit puts on the srun line: the interpreter inside the container, its words
+    quoted one by one as slurm.python's are (sbatch.node_python): `python; id #` runs no `id`."""
+    py = python_words(container.python, "container.python")
     if container.runtime == "apptainer":
         # apptainer passes the host environment by default (the ranks need SLURM_*); --nv maps the GPUs.
         binds = ",".join(mount_list)
         parts = ["apptainer", "exec", "--nv", *(["--bind", binds] if binds else []),
                  *(["--pwd", container.workdir] if container.workdir else []), *container.extra_flags,
-                 "--env", "TLA_HOST_REQUEUE=1", container.image, py]
+                 "--env", "TLA_HOST_REQUEUE=1", "--env", f"{NO_USER_SITE}=1", container.image, *py]
         return shlex.join(parts)
     if container.runtime == "podman":
         parts = ["bash", "-c", PODMAN_STEP, "tla-podman-step", "--network=host", "--ipc=host", "--init"]
@@ -75,24 +81,30 @@ def step_python(container: ContainerSettings, mount_list: list[str]) -> str:
             parts += ["-v", m]
         for var in PASS_ENV:
             parts += ["--env", var]
-        parts += ["--env", "TLA_HOST_REQUEUE=1"]
+        parts += ["--env", "TLA_HOST_REQUEUE=1", "--env", f"{NO_USER_SITE}=1"]
         if container.workdir:
             parts += ["-w", container.workdir]
-        parts += [*container.extra_flags, container.image, py]
+        parts += [*container.extra_flags, container.image, *py]
         return shlex.join(parts)
-    return py  # pyxis: the srun flags put the step in the container; "python" is the image's
+    return shlex.join(py)  # pyxis: the srun flags put the step in the container; "python" is the image's
 
 
 def srun_args(container: ContainerSettings, mount_list: list[str]) -> list[str]:
     if container.runtime != "pyxis":
         return []
     args = [f"--container-image={container.image}", "--no-container-mount-home",
-            "--container-env=TLA_HOST_REQUEUE"]
+            f"--container-env=TLA_HOST_REQUEUE,{NO_USER_SITE}"]
     if mount_list:
         args.append("--container-mounts=" + ",".join(mount_list))
     if container.workdir:
         args.append(f"--container-workdir={container.workdir}")
     return args + list(container.extra_flags)
+
+
+def step_env_setup() -> list[str]:
+    """Batch-shell lines for the containerised step's environment (Pyxis passes them in with
+    --container-env; Apptainer and podman get them with --env as well)."""
+    return ["# the image's Python packages, not those of a bound $HOME's ~/.local", f"export {NO_USER_SITE}=1"]
 
 
 def host_requeue_setup(max_requeues: int) -> list[str]:

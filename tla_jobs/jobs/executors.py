@@ -12,6 +12,9 @@ renders and submits through these classes with every submitit release pyproject 
   ("the implementation is simpler than for clusters"), and starts the same controller with the
   same ``SUBMITIT_LOCAL_*`` environment, in a new session, output to a log file. It also takes
   extra environment variables for the job (the thread count of each element of a local sweep).
+- ``SlurmExecutor``: submitit's, with a '%' in the folder escaped on the script's --output/--error
+  (SLURM reads % as a filename pattern there), by rewriting the text ``_make_submission_file_text``
+  returns: submitit has no parameter for it.
 - ``SlurmScriptExecutor``: a dry run shows the very sbatch script submitit would submit, on a
   machine without SLURM (a laptop preparing a submission). ``SlurmExecutor.__init__`` refuses to
   build where ``srun`` is missing: ``affinity`` (public) says it is available here. ``script()``
@@ -61,7 +64,51 @@ class DetachedLocalExecutor(submitit.LocalExecutor):
                                  tasks=list(range(ntasks)))
 
 
-class SlurmScriptExecutor(submitit.SlurmExecutor):
+def escape_slurm_pattern(path: str) -> str:
+    """``path`` for sbatch's and srun's --output/--error, which read %j, %x, %5a ... as filename
+    patterns and "%%" as a literal "%" (sbatch(1), "filename pattern")."""
+    return path.replace("%", "%%")
+
+
+class SlurmExecutor(submitit.SlurmExecutor):
+    """submitit's SlurmExecutor, whose script has a literal '%' of its folder escaped.
+
+    submitit writes --output/--error (on #SBATCH lines and on the srun line) as its folder followed
+    by its own patterns (%j_%t_log.out), unescaped: a runs root such as /tmp/50%x would have SLURM
+    write the logs to /tmp/50<job name>/... where neither tla nor submitit looks. The folder part
+    is escaped here, in the text submitit generated, so every '%' SLURM expands is submitit's own.
+    (submitit itself reads %j, %t, %A and %a in its folder as the job's ids, with no escape: such a
+    folder is refused before this, sbatch.check_script_values.)"""
+
+    def _internal_process_submissions(self, delayed_submissions):
+        if len(delayed_submissions) == 1 or "%" not in str(self.folder):
+            return super()._internal_process_submissions(delayed_submissions)
+        # A job array's script is written by a fresh executor that submitit builds by the module's
+        # name (slurm.SlurmExecutor(self.folder, ...)), not type(self): for that call the name is this
+        # class, so that the array's script is escaped as well (tla submits from one thread).
+        from submitit.slurm import slurm as module
+
+        original, module.SlurmExecutor = module.SlurmExecutor, SlurmExecutor
+        try:
+            return super()._internal_process_submissions(delayed_submissions)
+        finally:
+            module.SlurmExecutor = original
+
+    def _make_submission_file_text(self, command: str, uid: str) -> str:
+        text = super()._make_submission_file_text(command, uid)
+        folder = str(self.folder)
+        if "%" not in folder:
+            return text
+        escaped = escape_slurm_pattern(folder)
+        for kind in ("out", "err"):
+            for ids in ("%j", "%A_%a"):
+                for task in ("%t", "0"):
+                    tail = f"/{ids}_{task}_log.{kind}"  # submitit's JobPaths.stdout/stderr, as the script has them
+                    text = text.replace(shlex.quote(folder + tail), shlex.quote(escaped + tail))
+        return text
+
+
+class SlurmScriptExecutor(SlurmExecutor):
     @classmethod
     def affinity(cls) -> int:
         return 1  # a dry run needs no srun here

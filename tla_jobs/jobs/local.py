@@ -42,8 +42,10 @@ def sweep_env(elements: int, tasks: int, parallel: int, folder: Path) -> dict[st
     A TLA_CPU_THREADS the user set wins: only they know what else shares the cores (two sweeps at once
     with two threads each ran 4.5x slower on 2 cores than with one)."""
     running = min(elements, parallel)
-    threads = os.environ.get("TLA_CPU_THREADS") or str(max(1, (os.cpu_count() or 1) // (running * tasks)))
-    return {"TLA_CPU_THREADS": threads,
+    from tla_jobs import envvars
+
+    threads = envvars.cpu_threads() or max(1, (os.cpu_count() or 1) // (running * tasks))
+    return {"TLA_CPU_THREADS": str(threads),
             SLOTS_ENV: f"{parallel}:{folder / 'slots'}"}
 
 

@@ -42,8 +42,24 @@ class Plan:
         return p.slurm.nodes * p.slurm.tasks_per_node if p.executor == "slurm" else p.local.tasks
 
 
+# The overrides only SLURM honours (the flag a user types, the parameter): the local executor runs one
+# process group on this machine, with the profile's local.timeout_min, whatever they say.
+SLURM_ONLY = {"--nodes": "nodes", "--gpus-per-node": "gpus_per_node", "--time": "time_min",
+              "--partition": "partition"}
+
+
 def apply_overrides(profile: Profile, nodes=None, gpus_per_node=None, time_min=None, partition=None,
                     tasks_per_node=None) -> Profile:
+    given = dict(nodes=nodes, gpus_per_node=gpus_per_node, time_min=time_min, partition=partition)
+    if profile.executor != "slurm":
+        typed = [flag for flag, key in SLURM_ONLY.items() if given[key] is not None]
+        if typed:
+            from tla_jobs.errors import TlaError
+
+            raise TlaError(f"{', '.join(typed)}: SLURM option{'s' if len(typed) > 1 else ''}, but profile "
+                           f"{profile.name} uses the local executor (one machine; its time limit is the "
+                           f"profile's local.timeout_min): drop {'them' if len(typed) > 1 else 'it'}, or choose a "
+                           "SLURM profile with --cluster")
     slurm = profile.slurm.model_copy(update={k: v for k, v in dict(
         nodes=nodes, gpus_per_node=gpus_per_node, time_min=time_min, partition=partition,
         tasks_per_node=tasks_per_node).items() if v is not None})
@@ -66,10 +82,16 @@ def train_spec(train_kwargs: dict, run_dir: Path) -> dict:
     """The run's TrainConfig as run.json stores it: the trainer options given, with absolute data
     and checkpoint paths (the job may start elsewhere) and the run directory as its output."""
     from tla_jobs.config import TrainConfig
+    from tla_jobs.errors import TlaError
 
     kw = dict(train_kwargs)
     for key in ("data_path", "resume"):
         if kw.get(key):
-            kw[key] = str(Path(kw[key]).expanduser().resolve())
+            try:
+                kw[key] = str(Path(kw[key]).expanduser().resolve())
+            except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+                raise TlaError(f"--{key.replace('_', '-')} {kw[key]}: cannot be resolved "
+                               f"({getattr(exc, 'strerror', None) or exc}): a link that points back at "
+                               "itself?") from None
     kw["output_dir"] = str(run_dir)
     return TrainConfig(**kw).model_dump()

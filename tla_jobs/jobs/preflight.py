@@ -19,17 +19,31 @@ def preflight(plan: Plan) -> list[Check]:
 
     # first: a value that would break the batch script is refused outright, not reported as a check
     sbatch.check_script_values(plan.profile, [str(plan.run_dir.parent), *(s.get("data_path", "") for s in plan.specs)],
-                               plan.name)
+                               plan.name, folder=str(plan.run_dir))
+    from tla_jobs.config import TrainConfig
+    from tla_jobs.data.prepare import check_prepared
+
     checks: list[Check] = []
+    for spec in plan.specs:  # the default --lr is known with the ranks: a --min-lr above it is a swapped pair
+        problem = TrainConfig(**spec).schedule_error(plan.ranks)
+        if problem:
+            raise TlaError(problem)
     seen_data = set()
     for spec in plan.specs:
         data = spec.get("data_path", "")
         if data in seen_data:
             continue
         seen_data.add(data)
-        if spec.get("dataset", "imagefolder") != "imagefolder" and not (Path(data) / ".tla-dataset").is_file():
-            checks.append(Check("data", True, f"{spec['dataset']} will be prepared into {data} on first use"))
+        dataset = spec.get("dataset", "imagefolder")
+        if dataset == "synthetic":
+            checks.append(Check("data", True, f"synthetic: {spec.get('synthetic_images')} random images per "
+                                              "epoch, made on the device"))
             continue
+        if dataset != "imagefolder":
+            check_prepared(dataset, data)  # a folder of another bundled dataset: one line
+            if not (Path(data) / ".tla-dataset").is_file():
+                checks.append(Check("data", True, f"{dataset} will be prepared into {data} on first use"))
+                continue
         train, val = check_image_folder(data)  # images verified: all of a split up to 100k, else a sample
         checks.append(Check("data", True, f"{data}: {len(train.classes)} classes, {train.size} train / "
                                           f"{val.size} val images"))

@@ -27,34 +27,62 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+# Upper bounds, far above any cluster's (a year of minutes; a thousand ranks per node), so that a typo
+# such as --tasks-per-node 100000 (that many processes on this machine) is refused, not started.
+MAX_MINUTES = 366 * 24 * 60
+
+
 class LocalSettings(_Strict):
-    tasks: int = Field(1, ge=1, description="processes (DDP ranks over gloo) on this machine")
-    timeout_min: int = Field(24 * 60, ge=1)
-    max_requeue_failure: int = Field(2, ge=0, description="attempts that may end by a failure (0: none retried)")
+    tasks: int = Field(1, ge=1, le=1024, description="processes (DDP ranks over gloo) on this machine")
+    timeout_min: int = Field(24 * 60, ge=1, le=MAX_MINUTES)
+    max_requeue_failure: int = Field(2, ge=0, le=10_000,
+                                     description="attempts that may end by a failure (0: none retried)")
 
 
 class SlurmSettings(_Strict):
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    nodes: int = Field(1, ge=1)
-    tasks_per_node: int = Field(1, ge=1, description="one task per GPU")
-    gpus_per_node: int = Field(0, ge=0)
-    cpus_per_task: int = Field(1, ge=1)
-    mem_gb: float | None = Field(None, gt=0)
-    time_min: int = Field(60, ge=1, description="time limit of one attempt, minutes")
-    signal_delay_s: int = Field(120, ge=1, description="USR2 this long before the time limit")
-    max_requeue_timeout: int = Field(3, ge=0, description="attempts that may end at the time limit")
-    max_requeue_preempt: int = Field(20, ge=0, description="attempts that may end by preemption")
-    max_requeue_failure: int = Field(2, ge=0, description="attempts that may end by a failure: a rank's non-zero "
-                                     "exit or signal (0: none retried)")
-    max_stalled_attempts: int = Field(3, ge=1, description="attempts in a row with no new step before giving up")
+    nodes: int = Field(1, ge=1, le=100_000)
+    tasks_per_node: int = Field(1, ge=1, le=1024, description="one task per GPU")
+    gpus_per_node: int = Field(0, ge=0, le=1024)
+    cpus_per_task: int = Field(1, ge=1, le=100_000)
+    mem_gb: float | None = Field(None, gt=0, le=1_000_000)
+    time_min: int = Field(60, ge=1, le=MAX_MINUTES, description="time limit of one attempt, minutes")
+    signal_delay_s: int = Field(120, ge=1, le=24 * 3600, description="USR2 this long before the time limit")
+    max_requeue_timeout: int = Field(3, ge=0, le=10_000, description="attempts that may end at the time limit")
+    max_requeue_preempt: int = Field(20, ge=0, le=10_000, description="attempts that may end by preemption")
+    max_requeue_failure: int = Field(2, ge=0, le=10_000, description="attempts that may end by a failure: a "
+                                     "rank's non-zero exit or signal (0: none retried)")
+    max_stalled_attempts: int = Field(3, ge=1, le=10_000, description="attempts in a row with no new step before giving up")
     constraint: str | None = None
     exclude: str | None = None
     additional_parameters: dict[str, str | int | bool] = Field(default_factory=dict, description="extra #SBATCH keys")
     setup: list[str] = Field(default_factory=list, description="shell lines run in the batch script before the step")
     python: str | None = Field(None, description="the interpreter on the nodes (default: `python` after the setup "
                                "lines, or the submitting interpreter when there are none)")
+
+    @model_validator(mode="after")
+    def _python(self) -> SlurmSettings:
+        if self.python:  # empty: the default, as when absent
+            python_words(self.python, "slurm.python")
+        return self
+
+
+def python_words(value: str, where: str) -> list[str]:
+    """An interpreter setting (slurm.python, container.python) as the words of its command line,
+    the way a shell would split it; each word is quoted again where the batch script gets it, so
+    `python; id #` is three words given to an interpreter named `python;`, never a second command."""
+    import shlex
+
+    try:
+        words = shlex.split(value)
+    except ValueError as exc:  # "No closing quotation", "No escaped character"
+        raise ValueError(f"{value!r} cannot be split into words ({exc}): {where} is a command line, "
+                         "e.g. python or /opt/env/bin/python -X faulthandler") from None
+    if not words:
+        raise ValueError(f"{where} is empty: name the interpreter, e.g. python")
+    return words
 
 
 class ContainerSettings(_Strict):
@@ -64,6 +92,11 @@ class ContainerSettings(_Strict):
     workdir: str | None = None
     extra_flags: list[str] = Field(default_factory=list)
     python: str = "python"
+
+    @model_validator(mode="after")
+    def _python(self) -> ContainerSettings:
+        python_words(self.python, "container.python")
+        return self
 
     @model_validator(mode="after")
     def _image(self) -> ContainerSettings:
@@ -176,8 +209,9 @@ def available() -> list[str]:
     return list(sources())
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently).
+    Profiles and `--config` recipes (config.load_config_file) are read with it."""
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -196,7 +230,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def parse(text: str, source: str, name: str) -> Profile:
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tla_jobs.errors import TlaError
 from tla_jobs.jobs import containers, retry
-from tla_jobs.jobs.profiles import Profile
+from tla_jobs.jobs.profiles import Profile, python_words
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SBATCH_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
@@ -22,12 +22,24 @@ def _no_control(value, what: str) -> None:
         raise TlaError(f"{what} contains a control character ({value!r}): refused, it would break the batch script")
 
 
-def check_script_values(profile: Profile, paths: list[str], name: str = "") -> None:
+# What submitit reads in its folder's path as the job's ids (JobPaths._format_id), with no way to escape
+# them: a folder /runs/a%jb would be /runs/a123b for submitit's pickles and logs. A literal '%' otherwise
+# is escaped on the script's --output/--error (executors.SlurmExecutor).
+SUBMITIT_TAGS = re.compile(r"%[jtAa]")
+
+
+def check_script_values(profile: Profile, paths: list[str], name: str = "", folder: str | None = None) -> None:
     """Every value that reaches the sbatch script (or a mount list), refused when it could break out
     of its line or its list: control characters (a newline in --partition would start a new shell
-    line) anywhere; ',' and ':' in paths that go into Pyxis/Apptainer/podman mount lists."""
+    line) anywhere; ',' and ':' in paths that go into Pyxis/Apptainer/podman mount lists; submitit's
+    id patterns (%j ...) in ``folder``, the run's (or sweep's) folder that submitit and SLURM write to."""
     s, c = profile.slurm, profile.container
     _no_control(name, "the run name")
+    tag = SUBMITIT_TAGS.search(folder or "")
+    if tag:
+        raise TlaError(f"{folder} contains {tag.group()}, which submitit and SLURM read as a job id in the "
+                       "paths of a job's files: choose a runs root without %j, %t, %A or %a ($TLA_RUNS, or "
+                       "the profile's runs_root)")
     for key in ("partition", "account", "qos", "constraint", "exclude", "python"):
         flag = "--partition" if key == "partition" else f"profile slurm.{key}"
         value = getattr(s, key, None)
@@ -68,9 +80,10 @@ def node_python(profile: Profile) -> tuple[str, str]:
     s = profile.slurm
     explicit = getattr(s, "python", None)
     if profile.container.runtime != "none":
-        return profile.container.python, "container.python, inside the image"
+        return shlex.join(python_words(profile.container.python, "container.python")), \
+            "container.python, inside the image"
     if explicit:
-        return shlex.join(shlex.split(explicit)), "the profile's slurm.python"
+        return shlex.join(python_words(explicit, "slurm.python")), "the profile's slurm.python"
     if s.setup:
         return "python", "python on PATH after the profile's setup lines (the environment they activate)"
     return shlex.quote(sys.executable), "the submitting interpreter (the profile has no setup lines)"
@@ -92,6 +105,7 @@ def parameters(profile: Profile, name: str, dependency: str | None, mount_list: 
     setup = list(s.setup)
     if c.runtime != "none":
         extra["signal"] = f"B:USR2@{s.signal_delay_s}"
+        setup += containers.step_env_setup()
         setup += containers.host_requeue_setup(s.max_requeue_timeout + s.max_requeue_preempt)
     elif retry_dirs and s.max_requeue_failure:
         setup += retry.setup_lines(s.max_requeue_failure, retry_dirs)
@@ -120,14 +134,12 @@ def executor(profile: Profile, folder: Path, name: str, run_dir: Path, data_path
              parallel: int | None = None, retry_dirs: list[str] | None = None):
     """submitit's SLURM executor for the profile; with ``dry_run`` one that only renders its script
     (executors.SlurmScriptExecutor), also where SLURM is not installed."""
-    import submitit
-
-    from tla_jobs.jobs.executors import SlurmScriptExecutor
+    from tla_jobs.jobs.executors import SlurmExecutor, SlurmScriptExecutor
 
     c = profile.container
     mount_list = containers.mounts(c, [str(run_dir.parent), data_path]) if c.runtime != "none" else []
     python = containers.step_python(c, mount_list) if c.runtime != "none" else node_python(profile)[0]
-    cls = SlurmScriptExecutor if dry_run else submitit.SlurmExecutor
+    cls = SlurmScriptExecutor if dry_run else SlurmExecutor
     ex = cls(folder, max_num_timeout=profile.slurm.max_requeue_timeout, python=python)
     ex.update_parameters(**parameters(profile, name, dependency, mount_list, array_size, parallel, retry_dirs))
     return ex

@@ -27,7 +27,7 @@ def executor_for(profile: Profile, folder: Path, name: str, run_dir: Path, data_
     """The submitit executor for the profile, once every value the script gets has been checked.
     A job array runs at most ``parallel`` elements at once (SLURM: all by default; local: one per core).
     ``retry_dirs``: a training job's run directories, whose failed steps are requeued (jobs/retry.py)."""
-    sbatch.check_script_values(profile, [str(run_dir.parent), str(folder), *data_paths], name)
+    sbatch.check_script_values(profile, [str(run_dir.parent), str(folder), *data_paths], name, folder=str(folder))
     if profile.executor == "local":
         env = None
         if array_size:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tla_jobs import envvars
 from tla_jobs.errors import TlaError
 
 
@@ -49,20 +50,20 @@ def rendezvous_timeout_s() -> float:
     a slow node to start and for rank 0's checkpoint write, short enough that a job whose rank died
     before the group formed does not sit idle for half an hour (srun --kill-on-bad-exit ends the
     others when a rank exits; this bounds the case where one never starts)."""
-    return float(os.environ.get("TLA_RENDEZVOUS_TIMEOUT_S", "300"))
+    return envvars.rendezvous_timeout_s()
 
 
 def expected_world_size() -> int:
     export_submitit_env()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return envvars.world_size()
 
 
 def init() -> DistInfo:
     export_submitit_env()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    world, rank, local_rank = envvars.world_size(), envvars.rank(), envvars.local_rank()
+    local_world = envvars.local_world_size(world)
+    if rank >= world:
+        raise TlaError(f"environment: RANK={rank} is not below WORLD_SIZE={world}")
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
@@ -71,7 +72,7 @@ def init() -> DistInfo:
         device = torch.device("cpu")
         # Share the cores between the processes of this node instead of oversubscribing them
         # (TLA_CPU_THREADS: set by a local sweep that runs several trainings side by side).
-        threads = int(os.environ.get("TLA_CPU_THREADS", "0")) or (os.cpu_count() or 1) // max(1, local_world)
+        threads = envvars.cpu_threads() or (os.cpu_count() or 1) // max(1, local_world)
         torch.set_num_threads(max(1, threads))
     if world > 1 and not dist.is_initialized():
         try:

@@ -23,7 +23,7 @@ from typing import NoReturn
 
 import torch
 
-from tla_jobs import __version__, rundir
+from tla_jobs import __version__, envvars, rundir
 from tla_jobs.align.attention import resolve_path
 from tla_jobs.config import TrainConfig
 from tla_jobs.errors import TlaError
@@ -62,7 +62,7 @@ def train(cfg: TrainConfig, max_stalled_attempts: int = 0) -> dict:
         rundir.refuse_linked_dirs(out)
         recipe.check_folder(cfg.model_dump(), out)  # before this attempt writes anything into the folder
     world = tdist.expected_world_size()
-    if world > 1 and int(os.environ.get("RANK", "0")) == 0 and not cfg.eval_only:
+    if world > 1 and envvars.rank() == 0 and not cfg.eval_only:
         waiting_for_ranks(out, world)
     info = tdist.init()
     stop = signals.StopSignals()
@@ -94,6 +94,7 @@ def fit(run: Run, p: Progress, resumed_from: dict | None, max_stalled_attempts: 
         run.images, run.num_classes, cfg.epochs, run.train.steps_per_epoch, cfg.batch_size * info.world_size,
         run.lr, info.world_size, info.device, ", compiled" if cfg.compile else "",
     )
+    setup.say_warnings(cfg, info.is_main)  # with the run's first lines: a refusal before them stays one line
     run.stop.install()
     run.curves = Curves(cfg, run.out, info.is_main, p.global_step)
     end_reason = "completed"

@@ -18,7 +18,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, random_seed
 from torch.nn.parallel import DistributedDataParallel
 
-from tla_jobs import rundir
+from tla_jobs import envvars, rundir
 from tla_jobs.align import AlignedModel, check_supported
 from tla_jobs.align.attention import resolve_path
 from tla_jobs.config import TrainConfig
@@ -61,9 +61,9 @@ def resolve_data(cfg: TrainConfig) -> Path | None:
     if not cfg.data_path:
         raise DataError("--data-path is required")
     path = Path(cfg.data_path).expanduser()
-    if cfg.dataset != "imagefolder" and not (path / ".tla-dataset").is_file():
-        # Bundled data are prepared on first use; prepare() renames a finished folder into place,
-        # so ranks racing here are harmless.
+    if cfg.dataset != "imagefolder":
+        # Bundled data are prepared on first use: one rank prepares (under a lock beside the folder),
+        # the others wait and find it ready; a folder of another dataset is refused (check_prepared).
         prepare(cfg.dataset, path)
     return path
 
@@ -71,6 +71,10 @@ def resolve_data(cfg: TrainConfig) -> Path | None:
 def preflight(cfg: TrainConfig) -> tuple[Path | None, int, torch.nn.Module]:
     """Everything that can fail on the user's input, before any process group or device:
     (data folder or None for synthetic data, number of classes, the model with its initial weights)."""
+    envvars.check_trainer_env()  # TLA_CPU_THREADS, WORLD_SIZE, RANK, ...: one line, not a ValueError in a rank
+    problem = cfg.schedule_error(tdist.expected_world_size())
+    if problem:
+        raise TlaError(problem)
     check_model_name(cfg.model)
     check_wandb(cfg)
     data = resolve_data(cfg)
@@ -91,6 +95,15 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, int, torch.nn.Module]:
     if cfg.tl_align:
         check_supported(model)
     return data, num_classes, model
+
+
+def say_warnings(cfg: TrainConfig, is_main: bool) -> None:
+    """The recipe's warnings (TrainConfig.warnings: allowed, but probably not meant), one line each in
+    the run's log (and so on stderr), by rank 0, as training starts: after every check that refuses
+    input, so that a refusal stays one line."""
+    if is_main:
+        for line in cfg.warnings():
+            logging.getLogger("tla").warning(line)
 
 
 def output_dir(cfg: TrainConfig) -> Path:

@@ -67,7 +67,9 @@ def must_wait_for_kill(signame: str) -> bool:
 def wait_for_kill() -> None:
     """Sleep until SLURM's SIGKILL (bounded by TLA_SIGTERM_WAIT_S, default 600 s); SIGTERMs that
     arrive meanwhile are ignored."""
-    limit = float(os.environ.get("TLA_SIGTERM_WAIT_S", "600"))
+    from tla_jobs import envvars
+
+    limit = envvars.sigterm_wait_s()
     log.info("checkpoint written; waiting for SLURM to end the job (it requeues jobs it ends itself)")
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
