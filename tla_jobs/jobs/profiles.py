@@ -54,7 +54,8 @@ class SlurmSettings(_Strict):
     max_requeue_preempt: int = Field(20, ge=0, le=10_000, description="attempts that may end by preemption")
     max_requeue_failure: int = Field(2, ge=0, le=10_000, description="attempts that may end by a failure: a "
                                      "rank's non-zero exit or signal (0: none retried)")
-    max_stalled_attempts: int = Field(3, ge=1, le=10_000, description="attempts in a row with no new step before giving up")
+    max_stalled_attempts: int = Field(3, ge=1, le=10_000,
+                                      description="attempts in a row with no new step before giving up")
     constraint: str | None = None
     exclude: str | None = None
     additional_parameters: dict[str, str | int | bool] = Field(default_factory=dict, description="extra #SBATCH keys")
