@@ -298,9 +298,36 @@ def test_batched_path_sigkill_then_resume_is_exact(digits, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     starts = [json.loads(x) for x in (killed / "attempts.jsonl").read_text().splitlines() if '"start"' in x]
     assert starts[-1]["resumed_from"]["step"] > 0
+    # --workers 0: the loop itself loads every batch, so it waits for data some share of each epoch
+    assert all(0 < r["data_wait"] <= 1 for r in metrics(reference)), metrics(reference)
+    assert "data_wait" in json.loads((reference / "heartbeat.json").read_text()) or metrics(reference)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(reference / "tensorboard")).Reload()
+    assert "speed/data_wait" in events.Tags()["scalars"]
 
 
 def test_data_device_cuda_without_a_gpu_is_one_line(digits, tmp_path):
     proc = run_tla("train", *BATCHED[:-1], "cuda", "--data-path", digits, "--output-dir", tmp_path / "run",
                    "--epochs", "1", "--max-steps", "1")
     assert_clean_error(proc, "needs a CUDA device")
+
+
+def test_status_says_when_data_is_the_bottleneck(tmp_path):
+    from conftest import runs_env, tla
+
+    env = runs_env(tmp_path / "runs")
+    for name, wait in (("starved", 0.38), ("fed", 0.02)):
+        run = env["runs"] / name
+        run.mkdir(parents=True)
+        now = time.time()
+        (run / "run.json").write_text(json.dumps({"name": name, "created": now, "kind": "train", "evals": [],
+                                                  "spec": {"model": "tla_vit_nano", "epochs": 3,
+                                                           "output_dir": str(run)},
+                                                  "profile": {"executor": "local"}, "submissions": []}))
+        (run / "heartbeat.json").write_text(json.dumps(
+            {"phase": "training", "epoch": 1, "epochs": 3, "step": 5, "steps_per_epoch": 10, "global_step": 15,
+             "time": now, "train_loss": 1.0, "images_per_s": 100.0, "data_wait": wait, "world_size": 1}))
+    out = tla(env, "status", "starved", check=True).stdout
+    assert "waiting for data 38% of the time: more --workers or --data-device cuda" in " ".join(out.split())
+    assert "waiting for data" not in tla(env, "status", "fed", check=True).stdout
