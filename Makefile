@@ -60,6 +60,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_align.py
 	$(PY) benchmarks/bench_trainer.py
 	$(PY) benchmarks/bench_status.py
+	$(PY) benchmarks/bench_data.py
 
 # The CPU part of docs/results.md: TL-Align paired with grid CutMix, 5 seeds, on the one-head Swin where
 # the labels move (about 35 minutes on 2 cores; not part of `make test`). benchmarks/gpu_ablation.sh is the GPU part.
