@@ -55,7 +55,8 @@ test-slurm: lint
 	bash tests/slurm_cluster/cluster.sh up
 	$(VENV)/bin/pytest -m slurm
 
-# Speed (not tests): TL-Align's train step, `tla train` against a bare loop, `tla status` over 1,000 runs.
+# Speed (not tests): TL-Align's train step, `tla train` against a bare loop, `tla status` over 1,000 runs, the
+# loader workers' cost per image (PIL path against the batched data path's CPU side).
 bench: $(STAMP)
 	$(PY) benchmarks/bench_align.py
 	$(PY) benchmarks/bench_trainer.py

@@ -109,7 +109,7 @@ class TrainConfig(BaseModel):
     data_device: Literal["auto", "cpu", "cuda", "batch"] = Field(
         "auto", description="where the train augmentation runs: cpu (PIL in the loader workers), cuda (workers "
         "decode and crop; resize, flip and RandAugment run batched on the GPU, same parameters), batch (that path "
-        "on whatever device trains, the CPU included), auto (cuda when training on a GPU, else cpu)")
+        "on whatever device trains, the CPU included), auto (cuda when training on a GPU, else cpu).")
     dist_eval: bool = False
     resume: str = ""
     eval_only: bool = False
