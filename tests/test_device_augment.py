@@ -253,6 +253,34 @@ def test_seeded_samples_give_the_same_rows_with_any_worker_order(photo, tmp_path
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
+def test_both_paths_give_the_same_batches(photo, tmp_path):
+    """The loaders of both paths over one folder: same samples, same targets, and the batched path's
+    augmented images are the PIL path's (apart from the resize's pass order for some shapes, above)."""
+    from tla_jobs.data.loaders import batched_params, train_loader
+
+    rng = np.random.default_rng(1)
+    for k in range(48):
+        h, w = int(rng.integers(40, 160)), int(rng.integers(40, 160))
+        (tmp_path / "train" / f"c{k % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo[k:k + h, 2 * k:2 * k + w]).save(tmp_path / "train" / f"c{k % 3}" / f"{k}.jpg",
+                                                              quality=90)
+    cfg = TrainConfig(batch_size=8, workers=0, repeated_aug=False)
+    params = batched_params(cfg.model_copy(update={"data_device": "batch"}), 32, torch.device("cpu"))
+    _, pil_sampler, pil_loader = train_loader(cfg, tmp_path, 32, 0, 1)
+    _, crop_sampler, crop_loader = train_loader(cfg, tmp_path, 32, 0, 1, params)
+    augment = ga.DeviceAugment(params)
+    pil_sampler.set_epoch(1)
+    crop_sampler.set_epoch(1)
+    same = total = identical = 0
+    for (expected, t1), (crops, t2) in zip(pil_loader, crop_loader, strict=True):
+        got = augment(*crops)
+        assert torch.equal(t1, t2) and got.shape == expected.shape == (8, 3, 32, 32)
+        same += int((got == expected).sum())
+        total += got.numel()
+        identical += torch.equal(got, expected)
+    assert same / total > 0.98 and identical >= 3, (same / total, identical)
+
+
 # --------------------------------------------------------------------------- a run on the batched path
 
 

@@ -34,6 +34,15 @@ from tla_jobs.data.params import HEAD, TrainParams
 GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor onto the device without waiting: a copy from pageable memory to a GPU can
+    wait for the device's queue (the host would stall behind the previous step), one from pinned
+    memory is queued like a kernel."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def affine_matrix(name: str, arg: float, width: int, height: int) -> tuple[float, ...]:
     """The (a, b, c, d, e, f) PIL's Image.transform gets from timm's op (and Image.rotate's own
     arithmetic for Rotate): source = (a x + b y + c, d x + e y + f) at output pixel centres."""
@@ -145,12 +154,12 @@ def color(x, factor):
     return _blend(_grey(x).expand_as(x), x, factor)
 
 
-SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
-
-
 def sharpness(x, factor):
-    # ImageEnhance.Sharpness: blend with ImageFilter.SMOOTH (3x3, border pixels kept), rounded to 8 bits
-    k = SMOOTH.to(device=x.device, dtype=torch.float32).expand(3, 1, 3, 3)
+    # ImageEnhance.Sharpness: blend with ImageFilter.SMOOTH (3x3, border pixels kept), rounded to 8 bits;
+    # the kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 made on the device (no copy from the host)
+    k = torch.ones(3, 1, 3, 3, device=x.device)
+    k[:, :, 1, 1] = 5.0
+    k /= 13.0
     smooth = F.conv2d(x.float(), k, groups=3).add_(0.5).floor_().clamp_(0, 255).to(x.dtype)
     degenerate = x.clone()
     degenerate[:, :, 1:-1, 1:-1] = smooth
@@ -199,7 +208,7 @@ def affine(x: torch.Tensor, matrices: torch.Tensor, fill: tuple[int, int, int]) 
     rows = [_cubic(tap(j, 0), tap(j, 1), tap(j, 2), tap(j, 3), dx) for j in range(4)]
     out = _cubic(*rows, dy)
     out = out.clamp_(0, 255).floor_()
-    fill_t = torch.tensor(fill, dtype=torch.float64, device=x.device).view(1, c, 1, 1)
+    fill_t = to_device(torch.tensor(fill, dtype=torch.float64), x.device).view(1, c, 1, 1)
     return torch.where(inside.unsqueeze(1), out, fill_t).to(x.dtype)
 
 
@@ -267,19 +276,19 @@ def resize_crops(flat: torch.Tensor, shapes: list[tuple[int, int, int]], size: t
         hmax, wmax = int(hs.max()), int(ws.max())
         # the chunk padded to (hmax, wmax) by one gather from the flat buffer (edge pixels repeat; their
         # coefficients are zero)
-        off = torch.tensor([offsets[i] for i in chunk], device=dev).view(-1, 1, 1, 1)
-        hs_d, ws_d = hs.to(dev).view(-1, 1, 1, 1), ws.to(dev).view(-1, 1, 1, 1)
+        meta = to_device(torch.stack([torch.tensor([offsets[i] for i in chunk]), hs, ws, torch.tensor(chunk)]), dev)
+        off, hs_d, ws_d = (m.view(-1, 1, 1, 1) for m in meta[:3])
         ys = torch.minimum(torch.arange(hmax, device=dev).view(1, 1, -1, 1), hs_d - 1)
         xs = torch.minimum(torch.arange(wmax, device=dev).view(1, 1, 1, -1), ws_d - 1)
         chans = torch.arange(3, device=dev).view(1, 3, 1, 1)
         x = flat[off + (ys * ws_d + xs) * 3 + chans]
         taps_w = int(math.ceil(2.0 * max(float(ws.max()) / out_w, 1.0))) * 2 + 1
         taps_h = int(math.ceil(2.0 * max(float(hs.max()) / out_h, 1.0))) * 2 + 1
-        first, k = _coefficients(ws.to(dev), out_w, taps_w)
+        first, k = _coefficients(meta[2], out_w, taps_w)
         x = _resample_last(x, first, k)  # (n, 3, hmax, out_w)
-        first, k = _coefficients(hs.to(dev), out_h, taps_h)
+        first, k = _coefficients(meta[1], out_h, taps_h)
         x = _resample_last(x.transpose(2, 3), first, k).transpose(2, 3)
-        result[torch.tensor(chunk, device=dev)] = x.to(torch.uint8)
+        result[meta[3]] = x
     return result
 
 
@@ -322,10 +331,13 @@ class DeviceAugment:
 
     @staticmethod
     def _subset(x, mask, op, args, extra=None):
+        """op(the samples of ``mask``, their arguments), written back; the mask and the arguments are on
+        the host (no device value is read to choose the samples)."""
         idx = mask.nonzero().squeeze(1)
         if len(idx) == 0:
             return x
         sub_args = extra if extra is not None else args[idx]
-        dev_idx = idx.to(x.device, non_blocking=True)
-        out = op(x.index_select(0, dev_idx), sub_args)
+        moved = to_device(torch.cat([idx.double(), sub_args.reshape(-1).double()]), x.device)
+        dev_idx, dev_args = moved[:len(idx)].long(), moved[len(idx):].view(sub_args.shape)
+        out = op(x.index_select(0, dev_idx), dev_args)
         return x.index_copy(0, dev_idx, out.to(x.dtype))
