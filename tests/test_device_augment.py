@@ -146,6 +146,25 @@ def test_whole_transform_matches_timms_on_the_same_seeds(photo):
     assert {name for r in rows for name, _ in ops_of(r, params)} >= {"Rotate", "Equalize"} or len(rows) < 24
 
 
+def test_device_ops_never_read_a_device_value():
+    """The device side of a batch queues its work without the host waiting for the device: run on
+    'meta' tensors (shapes only, no values), where reading a value (item, tolist, bool, a copy to the
+    host) raises, every op of the batch goes through."""
+    params = TrainParams(build_transforms(TrainConfig(), 32)[0])
+    rows = []
+    for i in range(200):
+        seed_all(i)
+        rows.append(params.draw(40 + i % 50, 60 + i % 70))
+    rows = torch.stack(rows)
+    assert {name for r in rows for name, _ in ops_of(r, params)} == set(params.op_names)
+    shapes = torch.tensor([(int(r[2]), int(r[3]), 3) for r in rows])
+    flat = torch.empty(int(shapes.prod(1).sum()), dtype=torch.uint8, device="meta")
+    out = ga.DeviceAugment(params)(flat, shapes, rows)
+    assert (out.device.type, out.shape, out.dtype) == ("meta", (200, 3, 32, 32), torch.uint8)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        out.sum().item()  # what a hidden synchronisation would have done
+
+
 def test_decode_gives_pils_pixels(photo, tmp_path):
     buf = io.BytesIO()
     Image.fromarray(photo).save(buf, "JPEG", quality=90)
@@ -222,6 +241,22 @@ def test_parameters_do_not_depend_on_the_image_content_or_decoder(photo):
     seed_all(5)
     assert torch.equal(row, params.draw(photo.shape[1], photo.shape[0]))
     assert crop.shape == (int(row[2]), int(row[3]), 3) and row.shape == (HEAD + 4,)
+
+
+def test_an_unreadable_image_is_skipped_on_the_batched_path_too(photo, tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    from tla_jobs.data.crops import read_bytes
+
+    (tmp_path / "a").mkdir()
+    for k in range(4):
+        Image.fromarray(photo[k * 40:k * 40 + 150, :200]).save(tmp_path / "a" / f"{k}.jpg", quality=90)
+    (tmp_path / "a" / "1.jpg").write_bytes((tmp_path / "a" / "1.jpg").read_bytes()[:30])  # cut mid-header
+    params = TrainParams(build_transforms(TrainConfig(), 224)[0])
+    ds = SeededSamples(ImageFolder(str(tmp_path), transform=CropTransform(params), loader=read_bytes))
+    (crop, row), _ = ds[(1, 77)]
+    seed_all(77)
+    assert torch.equal(row, params.draw(200, 150)) and crop.shape == (int(row[2]), int(row[3]), 3)
 
 
 def test_unsupported_recipes_are_refused_or_fall_back():
