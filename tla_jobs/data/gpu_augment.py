@@ -340,4 +340,4 @@ class DeviceAugment:
         moved = to_device(torch.cat([idx.double(), sub_args.reshape(-1).double()]), x.device)
         dev_idx, dev_args = moved[:len(idx)].long(), moved[len(idx):].view(sub_args.shape)
         out = op(x.index_select(0, dev_idx), dev_args)
-        return x.index_copy(0, dev_idx, out.to(x.dtype))
+        return x.index_copy_(0, dev_idx, out.to(x.dtype))  # in place: x is this batch's own tensor
