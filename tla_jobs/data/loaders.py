@@ -89,7 +89,7 @@ def batched_params(cfg: TrainConfig, size: int, device: torch.device) -> TrainPa
         return TrainParams(build_transforms(cfg, size)[0])
     except TlaError as exc:
         if choice != "auto":
-            raise
+            raise TlaError(f"{exc}: use --data-device cpu") from None
         log.info("augmenting in the loader workers: %s", exc)
         return None
 

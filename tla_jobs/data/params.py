@@ -77,7 +77,7 @@ class TrainParams:
                 self.ra = copy.deepcopy(t)
             elif not isinstance(t, (MaybePILToTensor, MaybeToTensor, ToNumpy)):
                 raise TlaError(f"the batched data path has no device version of {type(t).__name__} "
-                               "(it runs DeiT's crop, flip and RandAugment); use --data-device cpu")
+                               "(it runs DeiT's crop, flip and RandAugment)")
         if self.crop is None:
             raise TlaError("the batched data path needs timm's RandomResizedCrop in the train transform")
         self.size = tuple(self.crop.size)
@@ -86,8 +86,7 @@ class TrainParams:
         if self.ra is not None:
             for op in self.ra.ops:
                 if op.name not in DEVICE_OPS:
-                    raise TlaError(f"the batched data path has no device version of RandAugment's {op.name}; "
-                                   "use --data-device cpu")
+                    raise TlaError(f"the batched data path has no device version of RandAugment's {op.name}")
                 if isinstance(op.kwargs.get("resample"), (list, tuple)):
                     raise TlaError("the batched data path needs one --interpolation, not random")
                 self.fill = tuple(op.kwargs.get("fillcolor", self.fill))
