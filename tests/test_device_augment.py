@@ -124,6 +124,17 @@ def test_resize_of_the_crops_is_pils_resize(photo):
     assert other_order < len(shapes) / 2
 
 
+def test_resize_chunks_bound_the_padding_of_large_photos():
+    """A batch with a few photos of thousands of pixels a side (ImageNet has some) is not padded to them."""
+    shapes = [(400, 350, 3)] * 200 + [(4000, 3000, 3), (3000, 2000, 3)] + [(100, 80, 3)] * 54
+    chunks = ga._chunks(shapes)
+    assert sorted(i for c in chunks for i in c) == list(range(len(shapes)))
+    for chunk in chunks:
+        padded = len(chunk) * max(shapes[i][0] for i in chunk) * max(shapes[i][1] for i in chunk)
+        assert len(chunk) <= ga.RESIZE_CHUNK and (padded <= ga.RESIZE_BUDGET or len(chunk) == 1)
+    assert [200] in chunks and [201] in chunks
+
+
 def test_whole_transform_matches_timms_on_the_same_seeds(photo):
     cfg = TrainConfig()
     pil_tf = build_transforms(cfg, 224)[0]

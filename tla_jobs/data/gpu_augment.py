@@ -213,7 +213,10 @@ def affine(x: torch.Tensor, matrices: torch.Tensor, fill: tuple[int, int, int]) 
 
 
 PRECISION_BITS = 22  # Pillow's Resample.c for 8-bit images: 32 - 8 - 2
-RESIZE_CHUNK = 32  # crops resized together (padded to the chunk's largest): bounds the padding's memory
+RESIZE_CHUNK = 32  # crops resized together (padded to the chunk's largest)
+# Padded pixels of a chunk at most (x3 channels; its gather index is int64): ~64 crops of 512 x 512.
+# ImageNet has a few photos of several thousand pixels a side; they are resized in chunks of their own.
+RESIZE_BUDGET = 64 * 512 * 512
 
 
 def _pillow_bicubic(x: torch.Tensor) -> torch.Tensor:
@@ -254,6 +257,23 @@ def _resample_last(x: torch.Tensor, first: torch.Tensor, k: torch.Tensor) -> tor
     return acc.bitwise_right_shift_(PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
 
 
+def _chunks(shapes: list[tuple[int, int, int]]) -> list[list[int]]:
+    """The crops' indices in chunks of similar sizes (sorted by area), each at most RESIZE_CHUNK crops and,
+    padded to its largest height and width, at most RESIZE_BUDGET pixels (or one crop)."""
+    order = sorted(range(len(shapes)), key=lambda i: (shapes[i][0] * shapes[i][1], i))
+    chunks: list[list[int]] = []
+    hmax = wmax = 0
+    for i in order:
+        h, w = max(hmax, shapes[i][0]), max(wmax, shapes[i][1])
+        if chunks and len(chunks[-1]) < RESIZE_CHUNK and (len(chunks[-1]) + 1) * h * w <= RESIZE_BUDGET:
+            chunks[-1].append(i)
+            hmax, wmax = h, w
+        else:
+            chunks.append([i])
+            hmax, wmax = shapes[i][0], shapes[i][1]
+    return chunks
+
+
 def resize_crops(flat: torch.Tensor, shapes: list[tuple[int, int, int]], size: tuple[int, int]) -> torch.Tensor:
     """Crops laid end to end in ``flat`` (each (h, w, 3) uint8) → (B, 3, *size), as Pillow's
     resize(BICUBIC) does it: its coefficients, in its fixed point, horizontal pass then vertical,
@@ -268,9 +288,7 @@ def resize_crops(flat: torch.Tensor, shapes: list[tuple[int, int, int]], size: t
     offsets = [0]
     for h, w, c in shapes:
         offsets.append(offsets[-1] + h * w * c)
-    order = sorted(range(len(shapes)), key=lambda i: shapes[i][0] * shapes[i][1])  # similar sizes together
-    for start in range(0, len(order), RESIZE_CHUNK):
-        chunk = order[start:start + RESIZE_CHUNK]
+    for chunk in _chunks(shapes):
         hs = torch.tensor([shapes[i][0] for i in chunk])
         ws = torch.tensor([shapes[i][1] for i in chunk])
         hmax, wmax = int(hs.max()), int(ws.max())
