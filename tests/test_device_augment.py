@@ -391,7 +391,7 @@ def test_status_says_when_data_is_the_bottleneck(tmp_path):
     from conftest import runs_env, tla
 
     env = runs_env(tmp_path / "runs")
-    for name, wait in (("starved", 0.38), ("fed", 0.02)):
+    for name, wait in (("starved", 0.38), ("fed", 0.02), ("odd", "lots")):
         run = env["runs"] / name
         run.mkdir(parents=True)
         now = time.time()
@@ -405,3 +405,4 @@ def test_status_says_when_data_is_the_bottleneck(tmp_path):
     out = tla(env, "status", "starved", check=True).stdout
     assert "waiting for data 38% of the time: more --workers or --data-device cuda" in " ".join(out.split())
     assert "waiting for data" not in tla(env, "status", "fed", check=True).stdout
+    assert "waiting for data" not in tla(env, "status", "odd", check=True).stdout  # a hand-edited heartbeat
