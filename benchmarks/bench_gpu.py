@@ -7,6 +7,10 @@
   3. Eager against --compile, and 4. --dataset synthetic throughput (images/s, TFLOP/s, MFU per
      GPU) through `tla train`.
   5. How far TL-Align's weights under bf16 autocast are from a float64 run of the checkpoint of 2.
+  6. data: the batched data path (issue 23) on ImageNet-sized JPEGs made from scikit-learn's sample
+     photos: the device-side ops (resize, flip, RandAugment, normalise + erase) per batch against a
+     DeiT-S train step, the loader alone with N workers (batched and PIL paths), and `tla train` on the
+     JPEGs against --dataset synthetic, eager and compiled.
 
 Runs from a plain checkout (no install): python benchmarks/bench_gpu.py
 On a GPU machine without network whose Python has torch, timm and typer but not pydantic, submitit,
@@ -164,13 +168,132 @@ def section_precision(args, rows: list, run: Path | None) -> None:
     print(f"[precision] {cells}", flush=True)
 
 
+def _jpeg_folder(root: Path, images: int, classes: int = 10) -> Path:
+    """An imagefolder of ImageNet-sized JPEGs (bench_data.make_photos), train/ and a small val/."""
+    import bench_data
+
+    if (root / "train").is_dir():
+        return root
+    for split, n in (("train", images), ("val", max(classes, images // 20))):
+        flat = root / f"{split}-flat"
+        flat.mkdir(parents=True)
+        for k, path in enumerate(bench_data.make_photos(flat, n, seed=len(split))):
+            (root / split / f"c{k % classes}").mkdir(parents=True, exist_ok=True)
+            path.rename(root / split / f"c{k % classes}" / path.name)
+        flat.rmdir()
+    return root
+
+
+def section_data(args, rows: list) -> None:
+    """Issue 23's GPU figures: device-side ops vs a DeiT-S step, the loader alone, tla train on JPEGs."""
+    import random
+
+    import numpy as np
+    import timm
+    import torch
+
+    from tla_jobs.config import TrainConfig
+    from tla_jobs.data import crops as worker
+    from tla_jobs.data.device import DeviceTransform
+    from tla_jobs.data.gpu_augment import DeviceAugment
+    from tla_jobs.data.loaders import batched_params, train_loader
+
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    root = _jpeg_folder(Path(args.data_jpegs), args.data_images)
+    size = args.data_size
+    cfg = TrainConfig(batch_size=args.batch, workers=args.workers, repeated_aug=False, data_device="batch")
+    params = batched_params(cfg, size, dev)
+    # 1. the device-side ops on one batch of crops, against a train step of the model at that batch
+    paths = sorted((root / "train").rglob("*.jpg"))[:args.batch]
+    samples = []
+    for i, path in enumerate(paths):
+        random.seed(i)
+        np.random.seed(i)
+        torch.default_generator.manual_seed(i)
+        samples.append((worker.CropTransform(params)(path.read_bytes()), 0))
+    (flat, shapes, prow), _ = worker.collate_crops(samples)
+    flat = flat.pin_memory() if dev.type == "cuda" else flat
+    augment, norm = DeviceAugment(params), DeviceTransform(dev, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0.25)
+
+    def ops():
+        return norm(augment(flat, shapes, prow, device=dev), seed=1)
+
+    for _ in range(2):
+        ops()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.data_steps):
+        ops()
+    sync()
+    t_ops = (time.perf_counter() - t0) / args.data_steps
+    model = timm.create_model(args.trainer_model if not args.quick else "vit_tiny_patch16_224",
+                              num_classes=1000, img_size=size).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(len(paths), 3, size, size, device=dev)
+    y = torch.randint(0, 1000, (len(paths),), device=dev)
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.data_steps):
+        step()
+    sync()
+    t_step = (time.perf_counter() - t0) / args.data_steps
+    rows.append(("data: device-side ops", f"batch {len(paths)}, {size}px, rand-m9-mstd0.5-inc1 + erasing",
+                 {"ops": f"{t_ops * 1000:.1f} ms/batch", "train step": f"{t_step * 1000:.1f} ms",
+                  "share of the step": f"{100 * t_ops / t_step:.1f}% (target <= 10%)"}))
+    print(f"[data] device ops {t_ops * 1000:.1f} ms, step {t_step * 1000:.1f} ms", flush=True)
+    # 2. the loader alone, N workers: batches per second out of the DataLoader (the batched path's CPU side
+    # and today's PIL transform)
+    cells = {}
+    for label, choice in (("batched", "batch"), ("PIL", "cpu")):
+        c = cfg.model_copy(update={"data_device": choice})
+        _, sampler, loader = train_loader(c, root, size, 0, 1, batched_params(c, size, dev))
+        sampler.set_epoch(0)
+        it = iter(loader)
+        next(it)  # workers started
+        t0, n = time.perf_counter(), 0
+        for _ in range(min(args.data_steps * 2, len(loader) - 1)):
+            next(it)
+            n += args.batch
+        cells[f"{label} loader, {args.workers} workers"] = f"{n / (time.perf_counter() - t0):.0f} img/s"
+        del it, loader
+    rows.append(("data: loader alone", f"{args.data_images} JPEGs, batch {args.batch}", cells))
+    print(f"[data] {cells}", flush=True)
+    # 3. tla train on the JPEGs against synthetic data, eager and compiled
+    import bench_trainer
+
+    for extra in ((), ("--compile",)):
+        ns = argparse.Namespace(data=str(root), model=args.trainer_model, img_size=args.img_size, batch=args.batch,
+                                workers=args.workers, epochs=2, aa=args.aa, reprob=0.25, crop_scale=0.08)
+        jpeg = bench_trainer.trainer(ns, ("--data-device", "auto", *extra))
+        synth = _synthetic(args, args.trainer_model, extra, images=args.data_images)
+        j, s_ = jpeg["images_per_s_steady"], synth["images_per_s_steady"]
+        cells = {"JPEGs": f"{j:.0f} img/s", "synthetic": f"{s_:.0f} img/s", "ratio": f"{j / s_:.3f}x (target >= 0.9)",
+                 "data_wait": f"{100 * jpeg.get('data_wait', 0):.0f}%"}
+        rows.append(("data: tla train, JPEGs vs synthetic", f"{args.trainer_model}, batch {args.batch}, "
+                     f"{args.workers} workers{', --compile' if extra else ', eager'}", cells))
+        print(f"[data] {cells}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--wheels", default=str(ROOT / ".gpu" / "whl"), help="wheels of missing packages")
     p.add_argument("--fmnist", default=None, help="folder with Fashion-MNIST's *-ubyte.gz (TLA_FMNIST_DIR)")
     p.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "tla-bench-fmnist"))
     p.add_argument("--limit", type=int, default=2000, help="Fashion-MNIST images per class")
-    p.add_argument("--sections", nargs="+", default=["align", "trainer", "compile", "synthetic", "precision"])
+    p.add_argument("--sections", nargs="+", default=["align", "trainer", "compile", "synthetic", "precision", "data"])
+    p.add_argument("--data-jpegs", default=str(Path(tempfile.gettempdir()) / "tla-bench-jpegs"),
+                   help="the data section's ImageNet-sized JPEGs (made here from scikit-learn's sample photos)")
     p.add_argument("--quick", action="store_true", help="toy sizes: checks the script, measures nothing")
     p.add_argument("--no-record", action="store_true", help="do not append to docs/benchmarks.md")
     args = p.parse_args()
@@ -186,11 +309,13 @@ def main() -> None:
         args.align_models, args.align_batch, args.align_steps = ["tla_vit_nano"], 8, 2
         args.trainer_model, args.img_size, args.batch, args.workers = "tla_vit_nano", None, 32, 1
         args.aa, args.synthetic_images, args.limit = "none", 256, 60
+        args.data_images, args.data_size, args.data_steps = 96, 32, 2
     else:
         args.align_models = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
         args.align_batch, args.align_steps = 256, 10
         args.trainer_model, args.img_size, args.batch = "deit_small_patch16_224", None, 256
         args.workers, args.aa, args.synthetic_images = max(1, cores - 1), "rand-m9-mstd0.5-inc1", 256 * 30
+        args.data_images, args.data_size, args.data_steps = 256 * 24, 224, 10
     start = time.perf_counter()
     rows: list = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -207,6 +332,8 @@ def main() -> None:
                     section_synthetic(args, rows)
                 elif section == "precision":
                     section_precision(args, rows, run)
+                elif section == "data":
+                    section_data(args, rows)
             except (Exception, SystemExit) as exc:
                 print(f"[{section}] FAILED: {exc}", flush=True)
                 rows.append((section, "failed", {"error": " ".join(str(exc).split())[-300:]}))

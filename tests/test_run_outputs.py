@@ -37,7 +37,7 @@ def test_tensorboard_curves_read_back_with_tensorboards_reader(run):
     acc = EventAccumulator(str(run / rundir.TENSORBOARD_DIR))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert tags == {*EPOCH_TAGS.values(), "epoch", "train/loss_step", "speed/images_per_s_step"}
+    assert tags == {*EPOCH_TAGS.values(), "epoch", "train/loss_step", "speed/images_per_s_step", "speed/data_wait_step"}
     rows = metrics(run)
     for key, tag in EPOCH_TAGS.items():
         events = acc.Scalars(tag)

@@ -25,7 +25,7 @@ from tla_jobs.train import checkpoint as ckpt
 pytestmark = pytest.mark.slow  # trains real models: `make test`, not `make test-fast`
 
 TIMING = {"images_per_s", "images_per_s_per_device", "images_per_s_steady", "tflops_per_device", "mfu", "epoch_s",
-          "time"}
+          "time", "data_wait"}
 
 
 def metrics(run: Path) -> list[dict]:

@@ -118,6 +118,10 @@ class TrainConfig(BaseModel):
                                       "for common GPUs (bf16/fp16 dense)")
     seed: int = Field(0, ge=0, lt=2**31)
     workers: int = Field(4, ge=0, le=MAX_WORKERS)
+    data_device: Literal["auto", "cpu", "cuda", "batch"] = Field(
+        "auto", description="where the train augmentation runs: cpu (PIL in the loader workers), cuda (workers "
+        "decode and crop; resize, flip and RandAugment run batched on the GPU, same parameters), batch (that path "
+        "on whatever device trains, the CPU included), auto (cuda when training on a GPU, else cpu).")
     dist_eval: bool = False
     resume: str = ""
     eval_only: bool = False

@@ -121,6 +121,8 @@ def _detail(st) -> None:
                       f"(job {hb.get('job_id')}), loss {hb.get('train_loss', 0):.4f}, "
                       f"{throughput(hb)}", highlight=False, markup=False)
     last = st.metrics[-1] if st.metrics else None
+    if isinstance(wait := (st.heartbeat or {}).get("data_wait", (last or {}).get("data_wait")), float) and wait >= 0.1:
+        console.print(f"waiting for data {wait:.0%} of the time: more --workers or --data-device cuda")
     if last and last.get("images_per_s"):
         console.print(f"last epoch ({last.get('epoch', 0) + 1}): {throughput(last)}"
                       + (f", mean |w - λ| {last['w_shift']:.3f}" if last.get("w_shift") is not None else ""),

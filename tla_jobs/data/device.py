@@ -17,6 +17,7 @@ the device (a cluster smoke test of throughput that no loader can slow down).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 
 import torch
@@ -77,18 +78,34 @@ class DeviceTransform:
 class LoaderBatches:
     """A DataLoader of uint8 batches (persistent workers) and its resumable sampler, on the device."""
 
-    def __init__(self, loader, sampler, transform: DeviceTransform, batch_size: int, seed: int, rank: int):
-        self.loader, self.sampler, self.transform = loader, sampler, transform
+    def __init__(self, loader, sampler, transform: DeviceTransform, batch_size: int, seed: int, rank: int,
+                 augment=None):
+        self.loader, self.sampler, self.transform, self.augment = loader, sampler, transform, augment
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
         self.steps_per_epoch = len(sampler.base) // batch_size
+        # Seconds the host waited for the loader's next batch (read and reset by the training loop):
+        # host time only, so measuring it adds no host-device synchronisation.
+        self.waited = 0.0
 
     def epoch(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if start_step >= self.steps_per_epoch:
             return
         self.sampler.set_epoch(epoch, start_step * self.batch_size)
-        for step, (images, targets) in enumerate(self.loader, start=start_step):
+        batches = iter(self.loader)
+        step = start_step
+        while True:
+            t0 = time.perf_counter()
+            try:
+                images, targets = next(batches)
+            except StopIteration:
+                return
+            finally:
+                self.waited += time.perf_counter() - t0
             seed = batch_seed(self.seed, epoch, step, self.rank)
+            if self.augment is not None:  # the batched path: crops + parameter rows → augmented uint8
+                images = self.augment(*images, device=self.transform.device)
             yield self.transform(images, seed), targets.to(self.transform.device, non_blocking=True)
+            step += 1
 
 
 class EvalBatches:
@@ -111,6 +128,7 @@ class SyntheticBatches:
         self.num_classes, self.steps_per_epoch, self.seed, self.rank = num_classes, steps_per_epoch, seed, rank
         self.train = train
         self.gen = torch.Generator(device=transform.device)
+        self.waited = 0.0  # made on the device: never waits for a loader
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         dev, b, s = self.transform.device, self.batch_size, self.img_size

@@ -1,7 +1,11 @@
 """Train and eval loaders: timm's transforms and samplers, made exactly resumable.
 
 Workers produce uint8 tensors (timm's prefetcher-style transforms); normalisation and random
-erasing run on the training device (tla_jobs.data.device). Workers persist across epochs.
+erasing run on the training device (tla_jobs.data.device). Workers persist across epochs. On the
+batched path (--data-device cuda/batch) workers only decode and cut each sample's crop box
+(tla_jobs.data.crops) and the resize, flip and RandAugment run batched on the device
+(tla_jobs.data.gpu_augment), with parameters drawn by timm's objects under the same seeds
+(tla_jobs.data.params).
 
 Two things timm and torch lack, written here:
 - `ResumableSampler` starts an epoch part-way (after the samples already trained on), so a run
@@ -28,8 +32,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import ImageFolder
 
 from tla_jobs.config import TrainConfig
+from tla_jobs.data.crops import CropTransform, collate_crops, read_bytes
 from tla_jobs.data.device import DeviceTransform, LoaderBatches
-from tla_jobs.errors import DataError
+from tla_jobs.data.gpu_augment import DeviceAugment
+from tla_jobs.data.params import TrainParams
+from tla_jobs.errors import DataError, TlaError
 
 log = logging.getLogger("tla.data")
 
@@ -66,6 +73,25 @@ def build_transforms(cfg: TrainConfig, size: int):
     evaluate = create_transform(size, is_training=False, interpolation=cfg.interpolation, crop_pct=0.875,
                                 use_prefetcher=True)
     return train, evaluate
+
+
+def batched_params(cfg: TrainConfig, size: int, device: torch.device) -> TrainParams | None:
+    """The parameter sampler of the batched data path when --data-device picks it on ``device``, else None
+    (the PIL transform in the workers). auto takes the batched path on CUDA when the recipe's
+    transform has a device version, and says why not when it has none."""
+    choice = cfg.data_device
+    if choice == "cpu" or (choice == "auto" and device.type != "cuda"):
+        return None
+    if choice == "cuda" and device.type != "cuda":
+        raise TlaError(f"--data-device cuda needs a CUDA device (training runs on {device.type}); "
+                       "--data-device batch runs the same batched path on any device")
+    try:
+        return TrainParams(build_transforms(cfg, size)[0])
+    except TlaError as exc:
+        if choice != "auto":
+            raise TlaError(f"{exc}: use --data-device cpu") from None
+        log.info("augmenting in the loader workers: %s", exc)
+        return None
 
 
 def _loader(path: str) -> Image.Image:
@@ -137,17 +163,21 @@ class _Shard(Sampler):
         return len(self.indices)
 
 
-def _folder(data: Path, split: str, transform) -> ImageFolder:
+def _folder(data: Path, split: str, transform, loader=_loader) -> ImageFolder:
     try:
-        return ImageFolder(str(data / split), transform=transform, loader=_loader)
+        return ImageFolder(str(data / split), transform=transform, loader=loader)
     except FileNotFoundError:  # checked at start, gone since (a shared filesystem, a cleaned scratch)
         raise DataError(f"data folder {data / split} does not exist (any more)") from None
 
 
-def train_loader(cfg: TrainConfig, data: Path, img_size: int, rank: int, world_size: int):
-    """(dataset, ResumableSampler, DataLoader) of this rank's share of the training split, as uint8."""
-    train_tf, _ = build_transforms(cfg, img_size)
-    ds = _folder(data, "train", train_tf)
+def train_loader(cfg: TrainConfig, data: Path, img_size: int, rank: int, world_size: int,
+                 params: TrainParams | None = None):
+    """(dataset, ResumableSampler, DataLoader) of this rank's share of the training split: uint8 images
+    augmented in the workers, or with ``params`` (the batched path) each sample's crop and parameters."""
+    if params is None:
+        ds = _folder(data, "train", build_transforms(cfg, img_size)[0])
+    else:
+        ds = _folder(data, "train", CropTransform(params), loader=read_bytes)
     if len(ds) < cfg.batch_size * world_size:
         raise DataError(f"{data / 'train'} has {len(ds)} images, fewer than one global batch "
                         f"({cfg.batch_size} x {world_size})")
@@ -164,6 +194,7 @@ def train_loader(cfg: TrainConfig, data: Path, img_size: int, rank: int, world_s
         num_workers=cfg.workers,
         pin_memory=torch.cuda.is_available(),
         drop_last=True,
+        collate_fn=collate_crops if params is not None else None,
         # Workers live across epochs: the sampler (in this process) decides where an epoch starts.
         persistent_workers=cfg.workers > 0,
         prefetch_factor=4 if cfg.workers > 0 else None,
@@ -174,8 +205,10 @@ def train_loader(cfg: TrainConfig, data: Path, img_size: int, rank: int, world_s
 def train_batches(cfg: TrainConfig, data: Path, img_size: int, rank: int, world_size: int,
                   transform: DeviceTransform) -> tuple[int, LoaderBatches]:
     """(dataset size, batches on the device) of this rank's share of the training split."""
-    ds, sampler, loader = train_loader(cfg, data, img_size, rank, world_size)
-    return len(ds), LoaderBatches(loader, sampler, transform, cfg.batch_size, cfg.seed, rank)
+    params = batched_params(cfg, img_size, transform.device)
+    ds, sampler, loader = train_loader(cfg, data, img_size, rank, world_size, params)
+    augment = DeviceAugment(params) if params is not None else None
+    return len(ds), LoaderBatches(loader, sampler, transform, cfg.batch_size, cfg.seed, rank, augment)
 
 
 def eval_loader(cfg: TrainConfig, data: Path, img_size: int, rank: int, world_size: int):

@@ -31,7 +31,7 @@ log = logging.getLogger("tla.train")
 EPOCH_TAGS = {
     "train_loss": "train/loss", "lr": "train/lr", "acc1": "val/acc1", "acc5": "val/acc5", "val_loss": "val/loss",
     "ema_acc1": "val/ema_acc1", "ema_acc5": "val/ema_acc5", "w_shift": "align/w_shift",
-    "images_per_s": "speed/images_per_s",
+    "images_per_s": "speed/images_per_s", "data_wait": "speed/data_wait",
 }
 
 
@@ -87,7 +87,7 @@ class Curves:
         if epoch != p.epoch or count > p.loss_count:
             loss_sum, count = 0.0, 0
         self.last = (p.epoch, p.loss_sum, p.loss_count)
-        scalars = {"speed/images_per_s_step": rates.get("images_per_s")}
+        scalars = {"speed/images_per_s_step": rates.get("images_per_s"), "speed/data_wait_step": rates.get("data_wait")}
         if p.loss_count > count:
             scalars["train/loss_step"] = (p.loss_sum - loss_sum) / (p.loss_count - count)
         self._write(p.global_step, scalars)

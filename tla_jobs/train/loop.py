@@ -104,6 +104,7 @@ def fit(run: Run, p: Progress, resumed_from: dict | None, max_stalled_attempts: 
             run.opt.scheduler.step(p.epoch)
             lr = run.opt.optimizer.param_groups[0]["lr"]
             epoch_clock = EpochClock(p.step_in_epoch, run.train.steps_per_epoch, cfg.batch_size * info.world_size)
+            run.train.waited = 0.0  # seconds this epoch waited for the loader (LoaderBatches adds to it)
             limit = train_one_epoch(run, p, clock, epoch_clock, lr)
             if limit and p.step_in_epoch < run.train.steps_per_epoch:
                 end_reason = "max_steps"
@@ -150,7 +151,7 @@ def train_one_epoch(run: Run, p: Progress, clock: CheckClock, epoch_clock: Epoch
             continue
         stop, due = check(run, p, clock, due)
         if clock.heartbeat_due():
-            rates = run.rates(epoch_clock.rate(time.monotonic()))
+            rates = {**run.rates(epoch_clock.rate(time.monotonic())), "data_wait": data_wait(run, epoch_clock)}
             run.runlog.heartbeat("training", p, steps_per_epoch, lr, rates)
             run.curves.step(p, rates)
         if stop or due or (limit and not end):
@@ -161,6 +162,13 @@ def train_one_epoch(run: Run, p: Progress, clock: CheckClock, epoch_clock: Epoch
         if limit:
             return True
     return False
+
+
+def data_wait(run: Run, epoch_clock: EpochClock) -> float:
+    """The share of this epoch's time so far that the loop waited for the next batch (timm's data
+    time, as a share): host clocks only, so it costs no host-device synchronisation. Near 0 when the
+    loader keeps up; on a GPU the host runs ahead of the device, so a wait here is the device idle."""
+    return min(run.train.waited / max(time.monotonic() - epoch_clock.start, 1e-9), 1.0)
 
 
 def step_delay(cfg: TrainConfig) -> float:
@@ -203,6 +211,7 @@ def end_epoch(run: Run, p: Progress, epoch_clock: EpochClock, lr: float) -> None
     run.runlog.heartbeat("evaluating", p, steps_per_epoch, lr)
     seconds = time.monotonic() - epoch_clock.start
     steady = epoch_clock.rate(time.monotonic())
+    waited = data_wait(run, epoch_clock)
 
     def abort() -> bool:  # a stop signal during evaluation (agreed across ranks)
         return tdist.any_rank(run.stop.received is not None, info)
@@ -230,6 +239,7 @@ def end_epoch(run: Run, p: Progress, epoch_clock: EpochClock, lr: float) -> None
         "w_shift": shift_sum / shift_count if shift_count else None,
         **run.rates(epoch_clock.images / max(seconds, 1e-9)),
         "images_per_s_steady": steady,
+        "data_wait": waited,
         "epoch_s": seconds,
         "global_step": p.global_step,
         "time": time.time(),
@@ -238,11 +248,13 @@ def end_epoch(run: Run, p: Progress, epoch_clock: EpochClock, lr: float) -> None
     is_best = res["acc1"] > p.best_acc1
     p.best_acc1 = max(p.best_acc1, res["acc1"])
     log.info(
-        "epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.2f, top-5 %.2f (best %.2f)%s, %.0f img/s%s",
+        "epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.2f, top-5 %.2f (best %.2f)%s, %.0f img/s%s, "
+        "waiting for data %.0f%% of the time",
         p.epoch + 1, cfg.epochs, row["train_loss"], res["loss"], res["acc1"], res["acc5"], p.best_acc1,
         f", EMA top-1 {res['ema_acc1']:.2f}" if "ema_acc1" in res else "",
         row["images_per_s"], f", {row['tflops_per_device']:.1f} TFLOP/s per device"
         if row.get("tflops_per_device", 0) >= 0.05 else "",  # a CPU's toy model would read 0.0
+        100 * waited,
     )
     p.next_epoch()
     extra = [ckpt.BEST] if is_best else []
