@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import FAST, runs_env, status, tla, wait_for
 
-from tla_jobs.jobs import retry
+from tla_jobs.jobs import containers, retry
 from tla_jobs.jobs.attempts import attempts_of
 
 # srun's own words when a task dies (src/srun: "srun: error: NODE: task N: strsignal(sig)"), then those
@@ -43,12 +43,16 @@ def _fake_slurm(bin_dir: Path, srun_err: str, srun_rc: int, nodes=("n1", "n2", "
     return calls
 
 
-def _batch_shell(run_dir: Path, srun_err: str, srun_rc: int, max_failures=2, restart=0, **fake) -> tuple:
+def _batch_shell(run_dir: Path, srun_err: str, srun_rc: int, max_failures=2, restart=0, container=False,
+                 **fake) -> tuple:
     """The batch shell's lines, then the step, in bash; stand-ins for SLURM's commands beside the run.
-    ``restart``: SLURM_RESTART_COUNT of this shell (scontrol says ``restarts``, the same by default)."""
+    ``restart``: SLURM_RESTART_COUNT of this shell (scontrol says ``restarts``, the same by default).
+    ``container``: the lines of a container profile (its own srun wrapper forwards SLURM's signals)."""
     bin_dir = run_dir.parent / f"bin-{run_dir.name}"
     calls = _fake_slurm(bin_dir, srun_err, srun_rc, **{"restarts": restart, **fake})
-    script = "\n".join([*retry.setup_lines(max_failures, [str(run_dir)]), "srun python -m x", "echo step-rc=$?"])
+    lines = [*retry.setup_lines(max_failures, [str(run_dir)], own_srun=False), *containers.host_requeue_setup(23)] \
+        if container else retry.setup_lines(max_failures, [str(run_dir)])
+    script = "\n".join([*lines, "srun python -m x", "echo step-rc=$?"])
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7",
            "SLURM_JOB_PARTITION": "debug", "SLURM_JOB_NUM_NODES": "2", "SLURM_RESTART_COUNT": str(restart)}
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=60)
@@ -62,10 +66,11 @@ def _start(run_dir: Path, restart=0) -> None:
                             "restart_count": restart, "time": 1.0}) + "\n")
 
 
-def test_a_rank_killed_is_recorded_and_requeued_without_its_node(tmp_path):
+@pytest.mark.parametrize("container", [False, True], ids=["bare", "container"])
+def test_a_rank_killed_is_recorded_and_requeued_without_its_node(tmp_path, container):
     run = tmp_path / "run"
     _start(run)
-    proc, calls = _batch_shell(run, SRUN_KILLED, 143)
+    proc, calls = _batch_shell(run, SRUN_KILLED, 143, container=container)
     assert proc.returncode == 0 and "step-rc" not in proc.stdout, proc  # requeued: the script ends there
     assert "srun: error: n2: task 1: Killed" in proc.stderr  # srun's words still reach the job's log
     assert "scontrol requeue 7" in calls and "scontrol update JobId=7 ExcNodeList=n2" in calls, calls
@@ -119,18 +124,19 @@ def test_no_requeue_past_the_limit_after_the_stall_guard_or_when_slurm_stops_the
 
 @pytest.mark.slow
 def test_local_job_retries_a_failure_then_fails_with_its_error(tmp_path, digits):
-    """The local executor's rule: a run that diverges at the same step every time (a real error of
-    the trainer) is requeued once (max_requeue_failure 1), then FAILED with the error in its last event."""
+    """The local executor's rule: a run that fails at the same step every time (--fail-at-step, the
+    trainer raising mid-epoch) is requeued once (max_requeue_failure 1), then FAILED with the error in its
+    last event."""
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     (profiles / "retry1.yaml").write_text("executor: local\nlocal:\n  max_requeue_failure: 1\n")
     env = runs_env(tmp_path / "runs", profiles=profiles)
-    tla(env, "submit", "train", "--name", "div", "--cluster", "retry1", *FAST, "--lr", "1e30", "--data-path",
+    tla(env, "submit", "train", "--name", "div", "--cluster", "retry1", *FAST, "--fail-at-step", "3", "--data-path",
         digits, "--epochs", "1", check=True)
     st = wait_for(lambda: (s := status(env, "div"))["state"] in ("FAILED", "COMPLETED") and s, timeout=240)
     assert st["state"] == "FAILED", st
     assert len(st["attempts"]) == 2, st["attempts"]
     first, last = (a["end"] for a in st["attempts"])
     assert first["requeue"] is True and last["requeue"] is False and last["rank"] == 0
-    assert "training diverged" in last["error"]
+    assert "injected failure at step 3" in last["error"]
     assert st["attempts"][1]["outcome"].startswith("error: rank 0 on ")

@@ -372,16 +372,16 @@ def test_a_dead_rank_is_retried_and_the_run_completes(env, digits):
 
 
 def test_a_failure_at_the_same_step_every_time_ends_failed_with_its_error(env, digits):
-    """A run that diverges at once every time (a real error of the trainer, not a test hook) is
+    """A run that fails at the same step every time (--fail-at-step: the trainer raises mid-epoch) is
     requeued (max_requeue_failure 2), then ended FAILED by the stall guard or the failure limit, at most
     1 + 2 attempts, its error in the last event."""
-    submit(env, "diverge", "--lr", "1e30", digits=digits, epochs=1)
+    submit(env, "diverge", "--fail-at-step", "3", digits=digits, epochs=1)
     st = wait_state(env, "diverge", {"FAILED", "COMPLETED", "CANCELLED"}, timeout=300)
     assert st["state"] == "FAILED", st
     assert 2 <= len(st["attempts"]) <= 3, st["attempts"]
     assert all(a["end"]["requeue"] is True for a in st["attempts"][:-1]), st["attempts"]
     last = st["attempts"][-1]["end"]
-    assert last["reason"] in ("stalled", "error") and "training diverged" in last["error"], last
+    assert last["reason"] in ("stalled", "error") and "injected failure at step 3" in last["error"], last
 
 
 def test_status_says_waiting_for_ranks(env, tmp_path):

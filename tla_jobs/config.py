@@ -146,6 +146,8 @@ class TrainConfig(BaseModel):
                          "option must be the run's own; the lr schedule is rebuilt for the new length)")
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (smoke runs)")
     step_delay: float = Field(0.0, ge=0, description="sleep after each step (tests that must catch a run mid-epoch)")
+    fail_at_step: int | None = Field(None, ge=1, le=10**12, description="raise an error at this global step, in "
+                                     "every attempt (tests of the failure requeue and the stall guard)")
     step_delay_once: bool = Field(False, description="with --step-delay: sleep only until SLURM first requeues the "
                                   "job (tests that stop a run once, then wait for it to finish)")
 

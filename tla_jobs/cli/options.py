@@ -18,7 +18,7 @@ import typer
 from tla_jobs.config import TrainConfig
 from tla_jobs.errors import TlaError
 
-HIDDEN = {"step_delay", "step_delay_once"}
+HIDDEN = {"step_delay", "step_delay_once", "fail_at_step"}  # test knobs
 # Help for the fields whose own description (config.py) is missing or too terse for --help.
 HELP = {
     "model": "timm model name (deit_tiny_patch16_224, deit_small_distilled_patch16_224, swin_tiny_patch4_window7_224, "

@@ -24,8 +24,8 @@ from tla_jobs.errors import TlaError
 
 # Fields that cannot change whether the model builds and aligns.
 UNRELATED = ("seed", "output_dir", "run_dir", "data_path", "epochs", "extend", "max_steps", "step_delay",
-             "step_delay_once", "tensorboard", "wandb", "checkpoint_every_min", "checkpoint_every_epochs", "keep_last",
-             "keep_best")
+             "step_delay_once", "fail_at_step", "tensorboard", "wandb", "checkpoint_every_min",
+             "checkpoint_every_epochs", "keep_last", "keep_best")
 # The code the check runs, by module file.
 CHECK_CODE = ("config.py", "train/preflight.py", "train/models.py", "align/__init__.py", "align/attention.py",
               "align/models.py", "align/cutmix.py", "data/loaders.py")

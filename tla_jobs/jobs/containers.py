@@ -121,13 +121,16 @@ def host_requeue_setup(max_requeues: int) -> list[str]:
         "trap 'tla_forward USR2' USR2",
         "trap 'tla_forward TERM' TERM",
         "srun() {",
-        "  command srun \"$@\" &",
+        "  local rc err",
+        "  err=$(mktemp) || err=/dev/null",  # srun's own words name a failed task's rank and node (retry.py)
+        "  command srun \"$@\" 2>\"$err\" &",
         "  tla_step=$!",
-        "  local rc",
         "  while :; do wait \"$tla_step\"; rc=$?; kill -0 \"$tla_step\" 2>/dev/null || break; done",
+        "  [ \"$err\" = /dev/null ] || { cat \"$err\" >&2; }",
         # USR2 (time limit, submitit's preemption signal) or a step that stopped on its own signal:
         # requeue. TERM means SLURM itself is requeueing or cancelling the job: leave it to SLURM.
         "  if [ \"$tla_signal\" = USR2 ] || { [ \"$rc\" -eq 75 ] && [ \"$tla_signal\" != TERM ]; }; then",
+        "    [ \"$err\" = /dev/null ] || rm -f \"$err\"",
         "    if [ \"${SLURM_RESTART_COUNT:-0}\" -ge \"$tla_max_requeues\" ]; then",
         "      echo \"tla: not requeueing $SLURM_JOB_ID: requeued ${SLURM_RESTART_COUNT:-0} times, the most the "
         "profile allows (max_requeue_timeout + max_requeue_preempt)\" >&2",
@@ -137,6 +140,12 @@ def host_requeue_setup(max_requeues: int) -> list[str]:
         "    scontrol requeue \"$SLURM_JOB_ID\"",
         "    exit 0",
         "  fi",
+        # a step that failed while no signal came (a rank killed, an error): retry.py's failure requeue
+        "  if [ \"$rc\" -ne 0 ] && [ \"$rc\" -ne 75 ] && [ \"$rc\" -ne 76 ] && [ -z \"$tla_signal\" ] \\",
+        "      && declare -F tla_failed >/dev/null; then",
+        "    tla_failed \"$rc\" \"$err\"",
+        "  fi",
+        "  [ \"$err\" = /dev/null ] || rm -f \"$err\"",
         "  return $rc",
         "}",
     ]

@@ -14,7 +14,9 @@ Where the rule runs is decided by who outlives the failure:
   wraps its ``srun`` so that a step that failed while SLURM was not stopping the job (no SIGTERM to
   the batch shell: not a preemption, requeue, cancel or time limit) is recorded, then requeued,
   excluding the node srun named ("srun: error: n2: task 1: Killed") when the partition keeps
-  enough other nodes for the job. Plain shell: in a container the host has no Python of ours.
+  enough other nodes for the job. Plain shell: in a container the host has no Python of ours. In a
+  container profile the host's own srun wrapper (containers.host_requeue_setup), which forwards
+  SLURM's signals into the container, calls the same tla_failed after a step that failed on no signal.
 - Local: submitit's controller outlives its tasks but has no hook; a rank whose training raised
   (its own error, or a dead peer seen in a collective) asks for the requeue itself
   (:func:`local_failure`). A lone local process killed by a signal is not retried.
@@ -39,20 +41,25 @@ FAILED = "failed"  # the reason of a failure's end event
 FINAL = ("stalled", "requeue limit")  # an attempt that ended with one of these asked not to be retried
 
 
-def setup_lines(max_requeue_failure: int, run_dirs: list[str]) -> list[str]:
-    """Batch-shell lines of a training job (one run, or a job array's runs by array index)."""
+def setup_lines(max_requeue_failure: int, run_dirs: list[str], own_srun: bool = True) -> list[str]:
+    """Batch-shell lines of a training job (one run, or a job array's runs by array index). ``own_srun``
+    False: only tla_failed, for a container profile whose own srun wrapper (containers.host_requeue_setup)
+    forwards signals and calls it after a step that failed while no signal came."""
     dirs = " ".join("'" + str(d).replace("'", "'\\''") + "'" for d in run_dirs)  # always quoted, as data
-    return [
+    head = [
         "# failure requeue (tla_jobs/jobs/retry.py): a step that failed is requeued at most max_requeue_failure times",
         f"tla_max_requeue_failure={int(max_requeue_failure)}",
         f"tla_run_dirs=({dirs})",
         'tla_run_dir=${tla_run_dirs[${SLURM_ARRAY_TASK_ID:-0}]}',
         'tla_job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}',  # as rundir.job_identity
         'tla_job=${tla_job:-$SLURM_JOB_ID}',
-        "tla_term=",
-        "trap 'tla_term=1' TERM",  # SLURM stops the job (preemption, requeue, cancel, time limit): not a failure
-        *_FUNCTIONS,
     ]
+    if not own_srun:
+        return head + _FUNCTIONS[:_FUNCTIONS.index("srun() {")]
+    return [*head,
+            "tla_term=",
+            "trap 'tla_term=1' TERM",  # SLURM stops the job (preemption, requeue, cancel, time limit): not a failure
+            *_FUNCTIONS]
 
 
 _FUNCTIONS = r'''tla_failed() {
@@ -113,12 +120,11 @@ srun() {
 
 
 def retries(record: dict) -> bool:
-    """Does the run's profile (as run.json keeps it) retry failed steps? A SLURM job in a container
-    has the host's signal requeue only; older records have no max_requeue_failure: no."""
+    """Does the run's profile (as run.json keeps it) retry failed steps? Older records have no
+    max_requeue_failure: no."""
     prof = record.get("profile") or {}
     if prof.get("executor") == "slurm":
-        return bool((prof.get("slurm") or {}).get("max_requeue_failure")) and \
-            (prof.get("container") or {}).get("runtime", "none") == "none"
+        return bool((prof.get("slurm") or {}).get("max_requeue_failure"))
     return bool((prof.get("local") or {}).get("max_requeue_failure"))
 
 

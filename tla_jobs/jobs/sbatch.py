@@ -106,6 +106,8 @@ def parameters(profile: Profile, name: str, dependency: str | None, mount_list: 
     if c.runtime != "none":
         extra["signal"] = f"B:USR2@{s.signal_delay_s}"
         setup += containers.step_env_setup()
+        if retry_dirs and s.max_requeue_failure:
+            setup += retry.setup_lines(s.max_requeue_failure, retry_dirs, own_srun=False)
         setup += containers.host_requeue_setup(s.max_requeue_timeout + s.max_requeue_preempt)
     elif retry_dirs and s.max_requeue_failure:
         setup += retry.setup_lines(s.max_requeue_failure, retry_dirs)

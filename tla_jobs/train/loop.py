@@ -144,6 +144,8 @@ def train_one_epoch(run: Run, p: Progress, clock: CheckClock, epoch_clock: Epoch
         epoch_clock.stepped(p.step_in_epoch)
         if delay:
             time.sleep(delay)
+        if cfg.fail_at_step is not None and p.global_step == cfg.fail_at_step:
+            raise RuntimeError(f"injected failure at step {p.global_step} (--fail-at-step, a test knob)")
         limit = cfg.max_steps is not None and p.global_step >= cfg.max_steps
         end = p.step_in_epoch >= steps_per_epoch
         due = clock.checkpoint_due()

@@ -23,7 +23,7 @@ MECHANICS = frozenset({
     "data_path", "output_dir", "resume", "eval_only", "eval_weights", "workers", "dist_eval", "compile",
     "align_path",  # the paths compute the same Ā·w (tests/test_align.py holds them to each other)
     "peak_tflops", "checkpoint_every_min", "checkpoint_every_epochs", "keep_last", "keep_best", "tensorboard",
-    "wandb", "max_steps", "step_delay", "step_delay_once", "extend",
+    "wandb", "max_steps", "step_delay", "step_delay_once", "fail_at_step", "extend",
     "data_device", "stage_data",  # how the same samples are read and augmented, not which
 })
 
