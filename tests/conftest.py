@@ -150,6 +150,17 @@ def sh(*cmd, check=True, timeout=300, env=None, **kw) -> subprocess.CompletedPro
     return proc
 
 
+def fake_sbatch(bin_dir: Path) -> Path:
+    """A folder with stand-ins for sbatch (answers a job id, submits nothing) and srun (fails): for
+    tests of what a submission writes where no SLURM is (a fake: the real cluster is tests/slurm_cluster)."""
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'Submitted batch job 4242'\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return bin_dir
+
+
 def run_tla(*args, env=None, timeout=300, check=False, cwd=None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run([*TLA, *map(str, args)], capture_output=True, text=True, env=full_env, timeout=timeout,

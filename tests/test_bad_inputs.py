@@ -25,9 +25,10 @@ from tla_jobs.rundir import metrics_summary
 JOB = "4999999"  # a local job id that is no live process: a run whose job has ended
 
 
-def one_line_error(proc: subprocess.CompletedProcess, fragment: str = "") -> str:
-    """Non-zero exit, one line on stderr containing ``fragment``, no traceback anywhere."""
-    assert proc.returncode != 0, (proc.returncode, proc.stdout[-2000:], proc.stderr)
+def one_line_error(proc: subprocess.CompletedProcess, fragment: str = "", code: int | None = None) -> str:
+    """Non-zero exit (``code`` when given), one line on stderr containing ``fragment``, no traceback anywhere."""
+    assert proc.returncode != 0 and code in (None, proc.returncode), (proc.returncode, proc.stdout[-2000:],
+                                                                       proc.stderr)
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr

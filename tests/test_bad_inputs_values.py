@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PROFILES, run_tla, runs_env, tla
+import test_bad_inputs as bad_inputs
+from conftest import PROFILES, fake_sbatch, run_tla, runs_env, tla
 
 TIMEOUT = 120  # every subprocess: a hang fails the test
 NANO = ["--model", "tla_vit_nano", "--workers", "0"]
@@ -52,13 +53,7 @@ def snapshot(*roots: Path) -> dict:
 
 
 def one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("tla: error: "), lines[0]
-    assert fragment.lower() in lines[0].lower(), (fragment, lines[0])
-    return lines[0]
+    return bad_inputs.one_line_error(proc, fragment, code=2)
 
 
 def refused(world, args, fragment: str, extra_env: dict | None = None) -> str:
@@ -328,19 +323,13 @@ def test_a_real_submission_escapes_the_percent_as_the_dry_run_does(tmp_path, dig
     from tla_jobs.jobs import profiles, submit
     from tla_jobs.jobs.plan import Plan
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'Submitted batch job 4242'\n")
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
-    for tool in bin_dir.iterdir():
-        tool.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{fake_sbatch(tmp_path / 'bin')}{os.pathsep}{os.environ['PATH']}")
     prof = profiles.load(str(PROFILES / "slurm-gpu.yaml"))
     root = tmp_path / "50%x"
     run_dir = root / "one"
     spec = {"model": "deit_small_patch16_224", "data_path": str(digits), "output_dir": str(run_dir)}
-    ex = submit.executor_for(prof, run_dir / "submitit", "one", run_dir, [str(digits)])
-    job = ex.submit(print, "never runs")
+    ex = submit.executor_for(prof, run_dir / "submitit", "one", run_dir, [str(digits)], retry_dirs=[run_dir])
+    job = ex.submit(print, "never runs")  # as submit_train submits it
     written = JobPaths(ex.folder, job.job_id).submission_file.read_text()
     assert written == submit.render(Plan("one", run_dir, prof, [spec]))
     assert f"#SBATCH --output={tmp_path}/50%%x/one/submitit/%j_0_log.out" in written.splitlines(), written

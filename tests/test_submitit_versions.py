@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import PROFILES
+from conftest import PROFILES, fake_sbatch
 
 OLDEST = "1.5.0"
 
@@ -72,13 +72,8 @@ print(json.dumps(out))
 
 def test_a_dry_run_renders_what_a_submission_writes(versions, tmp_path):
     """submitit renders the script in both; only SlurmScriptExecutor's command is written by tla."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'Submitted batch job 4242'\n")
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
-    for tool in bin_dir.iterdir():
-        tool.chmod(0o755)
-    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "TLA_CLUSTER_CONFIGS": str(PROFILES)}
+    env = {"PATH": f"{fake_sbatch(tmp_path / 'bin')}{os.pathsep}{os.environ['PATH']}",
+           "TLA_CLUSTER_CONFIGS": str(PROFILES)}
     scripts = {}
     for version in versions:
         proc = python(versions, version, SLURM, tmp_path / version, env=env, timeout=120)
