@@ -1,0 +1,147 @@
+"""`tla data pack` and packed folders as --data-path: standard shards (read back with webdataset), an
+index that reads every sample with one pread, resume after a kill, atomic shards, one-line errors, and
+training on a packed folder that is the same run as on the ImageFolder it came from."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FAST, assert_clean_error, once, run_tla
+from PIL import Image
+
+from tla_jobs.data import shards
+
+
+@pytest.fixture(scope="session")
+def packed(shared_dir, digits) -> Path:
+    """The digits dataset packed into small shards (several per split), once per session."""
+    def make():
+        dst = shared_dir / "data" / "digits-packed"
+        run_tla("data", "pack", digits, dst, "--shard-size", "64KB", check=True)
+        return str(dst)
+
+    return Path(once(shared_dir, "digits-packed", make))
+
+
+def tiny_folder(root: Path, classes=("a", "b"), per_class=3, ext="png") -> Path:
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for k in range(per_class):
+                img = Image.fromarray(np.full((8, 8, 3), 40 * c + k, np.uint8))
+                img.save(root / split / name / f"{k}.{ext}")
+    return root
+
+
+def test_pack_writes_standard_shards_that_webdataset_reads(packed, digits):
+    wds = pytest.importorskip("webdataset")
+    manifest = json.loads((packed / "index.json").read_text())
+    classes = json.loads((packed / "classes.json").read_text())
+    assert classes == sorted(p.name for p in (digits / "train").iterdir())
+    for split in ("train", "val"):
+        names = [s["name"] for s in manifest["splits"][split]["shards"]]
+        assert len(names) > 1 and all((packed / n).stat().st_size <= 65536 for n in names)
+        seen = {}
+        ds = wds.WebDataset([str(packed / n) for n in names], shardshuffle=False).to_tuple("__key__", "png", "cls")
+        for key, data, cls in ds:
+            seen[key] = (data, int(cls))
+        files = sorted((digits / split).glob("*/*.png"))
+        assert len(seen) == len(files) == manifest["splits"][split]["samples"]
+        for f in files:  # the image's bytes as stored and its class number
+            data, label = seen[f"{f.parent.name}/{f.stem}"]
+            assert data == f.read_bytes() and classes[label] == f.parent.name
+        # the index: one pread per sample gives those bytes; sample i is ImageFolder's sample i
+        idx = shards.load_split(packed, split, with_keys=True)
+        reader = shards.ShardReader(idx)
+        for i, f in enumerate(files):
+            assert idx.keys[i] == f"{f.parent.name}/{f.stem}" and reader.read(i) == f.read_bytes()
+        reader.close()
+        counts = manifest["splits"][split]["counts"]
+        assert counts == {c: len(list((digits / split / c).glob("*.png"))) for c in classes}
+    # train is shuffled across shards (a streaming reader sees every class in a shard); val is in order
+    first = json.loads((packed / "train-000000.idx.json").read_text())
+    assert len(set(first["labels"])) > 5
+    assert json.loads((packed / "val-000000.idx.json").read_text())["order"] == list(range(len(
+        json.loads((packed / "val-000000.idx.json").read_text())["order"])))
+
+
+def test_pack_resumes_after_a_kill_keeping_finished_shards(packed, tmp_path):
+    src = json.loads((packed / "index.json").read_text())["source"]
+    dst = tmp_path / "p"
+    shutil.copytree(packed, dst)
+    manifest = json.loads((dst / "index.json").read_text())
+    # what a kill leaves: no manifest yet (the plan file instead), a half-written temporary shard, a
+    # shard renamed into place whose index was not written yet, and a shard damaged since
+    (dst / "index.json").unlink()
+    (dst / ".pack.json").write_text(json.dumps({"source": src, "shard_size": 65536}))
+    (dst / ".train-000003.tar.tmp-999").write_bytes(b"\0" * 1000)
+    (dst / "train-000002.idx.json").unlink()
+    with open(dst / "train-000001.tar", "r+b") as f:
+        f.seek(2000)
+        f.write(b"damaged")
+    mtimes = {p.name: p.stat().st_mtime_ns for p in dst.glob("*.tar")}
+    proc = run_tla("data", "pack", src, dst, "--shard-size", "64KB", check=True)
+    assert "kept" in proc.stdout
+    again = json.loads((dst / "index.json").read_text())
+    assert again["splits"] == manifest["splits"]  # the same shards, byte for byte (sha256)
+    rewritten = {p.name for p in dst.glob("*.tar") if p.stat().st_mtime_ns != mtimes[p.name]}
+    assert rewritten == {"train-000001.tar", "train-000002.tar"}
+    assert not list(dst.glob(".*.tmp-*")) and not (dst / ".pack.json").exists()
+
+
+def test_pack_refuses_bad_input_in_one_line(tmp_path):
+    bad = tiny_folder(tmp_path / "unreadable")
+    (bad / "train" / "a" / "1.png").write_bytes((bad / "train" / "a" / "1.png").read_bytes()[:30])
+    assert_clean_error(run_tla("data", "pack", bad, tmp_path / "o1"), "unreadable image")
+    assert not (tmp_path / "o1" / "index.json").exists() and not list((tmp_path / "o1").glob("*.tar"))
+
+    dup = tiny_folder(tmp_path / "dup")
+    shutil.copy(dup / "train" / "b" / "0.png", dup / "train" / "b" / "0.jpg")
+    assert_clean_error(run_tla("data", "pack", dup, tmp_path / "o2"), "duplicate key 'b/0'")
+
+    empty = tiny_folder(tmp_path / "empty")
+    for f in (empty / "val" / "b").iterdir():
+        f.unlink()
+    assert_clean_error(run_tla("data", "pack", empty, tmp_path / "o3"), "has no images")
+
+    other = tmp_path / "not-ours"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert_clean_error(run_tla("data", "pack", tiny_folder(tmp_path / "ok"), other), "not a packed dataset")
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_pack_on_a_full_disk_says_so_and_keeps_nothing_half_written(tmp_path, digits):
+    full = tmp_path / "small"
+    full.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        proc = run_tla("data", "pack", digits, full / "p", "--shard-size", "64KB")
+        assert_clean_error(proc, "no space left")
+        left = list((full / "p").iterdir())
+        assert not [p for p in left if ".tmp-" in p.name] and not (full / "p" / "index.json").exists()
+        for tar in (full / "p").glob("*.tar"):  # each shard in place is whole, with its index
+            assert json.loads(tar.with_suffix(".idx.json").read_text())["bytes"] == tar.stat().st_size
+    finally:
+        subprocess.run(["umount", str(full)])
+
+
+def test_a_packed_folder_passes_the_data_check_and_a_damaged_one_fails(packed, tmp_path):
+    from tla_jobs.data.folders import check_image_folder
+
+    train, val = check_image_folder(packed)
+    assert train.size == 1442 and val.size == 355 and len(train.classes) == 10
+    dst = tmp_path / "p"
+    shutil.copytree(packed, dst)
+    os.truncate(dst / "val-000001.tar", 100)
+    proc = run_tla("train", "--data-path", dst, "--output-dir", tmp_path / "run", "--max-steps", "1",
+                   *[a for a in FAST if a not in ("--dataset", "digits")])
+    assert_clean_error(proc, "val-000001.tar has 100 bytes")
