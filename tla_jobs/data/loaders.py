@@ -29,6 +29,7 @@ from torchvision.datasets import ImageFolder
 
 from tla_jobs.config import TrainConfig
 from tla_jobs.data.device import DeviceTransform, LoaderBatches
+from tla_jobs.data.shards import PackedDataset, is_packed
 from tla_jobs.errors import DataError
 
 log = logging.getLogger("tla.data")
@@ -137,7 +138,11 @@ class _Shard(Sampler):
         return len(self.indices)
 
 
-def _folder(data: Path, split: str, transform) -> ImageFolder:
+def _folder(data: Path, split: str, transform) -> ImageFolder | PackedDataset:
+    """The split as torchvision's ImageFolder, or from the shards of a packed folder (`tla data pack`):
+    the same samples under the same indices, so samplers, seeds and exact resume do not change."""
+    if is_packed(data):
+        return PackedDataset(data, split, transform)
     try:
         return ImageFolder(str(data / split), transform=transform, loader=_loader)
     except FileNotFoundError:  # checked at start, gone since (a shared filesystem, a cleaned scratch)
