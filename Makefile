@@ -55,11 +55,13 @@ test-slurm: lint
 	bash tests/slurm_cluster/cluster.sh up
 	$(VENV)/bin/pytest -m slurm
 
-# Speed (not tests): TL-Align's train step, `tla train` against a bare loop, `tla status` over 1,000 runs.
+# Speed (not tests): TL-Align's train step, `tla train` against a bare loop, `tla status` over 1,000 runs,
+# 50,000 small JPEGs read as files against as shards (cold cache as root).
 bench: $(STAMP)
 	$(PY) benchmarks/bench_align.py
 	$(PY) benchmarks/bench_trainer.py
 	$(PY) benchmarks/bench_status.py
+	$(PY) benchmarks/bench_shards.py
 
 # The CPU part of docs/results.md: TL-Align paired with grid CutMix, 5 seeds, on the one-head Swin where
 # the labels move (about 35 minutes on 2 cores; not part of `make test`). benchmarks/gpu_ablation.sh is the GPU part.
