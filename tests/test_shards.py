@@ -167,3 +167,96 @@ def test_training_on_packed_data_is_the_same_run_as_on_its_image_folder(packed, 
     assert packed_sum == folder_sum
     for k in ("train_loss", "val_loss", "acc1", "acc5"):
         assert packed_row[k] == folder_row[k], k
+
+
+# ------------------------------------------------------------------------------------------- staging
+
+STAGE = """
+import logging, sys
+from tla_jobs.data.staging import stage
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+print(stage(sys.argv[1], sys.argv[2]))
+"""
+
+
+def _stage_in(n: int, src: Path, root: Path) -> list[subprocess.CompletedProcess]:
+    """n processes staging at once, as the ranks of one node do."""
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", STAGE, str(src), str(root)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=120)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def test_staging_copies_once_per_node_verified_and_reuses_the_copy(packed, tmp_path):
+    from tla_jobs.data import staging
+
+    root = tmp_path / "local-ssd"
+    procs = _stage_in(3, packed, root)
+    assert all(p.returncode == 0 for p in procs), [p.stderr for p in procs]
+    dests = {p.stdout.strip() for p in procs}
+    assert len(dests) == 1 and Path(dests.pop()).parent == root
+    assert sum("staged " in p.stderr for p in procs) == 1  # one rank copied; the others waited and found it
+    manifest = json.loads((packed / "index.json").read_text())
+    dest = root / staging._name(packed, manifest)
+    assert staging.staged(dest, manifest) and not list(dest.glob(".*.tmp-*"))
+    for m in staging._files(manifest):
+        assert shards.file_sha256(dest / m["name"]) == m["sha256"]
+    # the copy reads as the source does
+    assert shards.PackedDataset(dest, "val").reader.read(7) == shards.PackedDataset(packed, "val").reader.read(7)
+
+    # a later job on this node: used as it is, nothing copied
+    mtimes = {p: p.stat().st_mtime_ns for p in dest.iterdir()}
+    again = _stage_in(1, packed, root)[0]
+    assert "already staged" in again.stderr and {p: p.stat().st_mtime_ns for p in dest.iterdir()} == mtimes
+
+    # a copy damaged since (a shard cut short): that shard copied again, the others verified and kept
+    victim = dest / manifest["splits"]["train"]["shards"][1]["name"]
+    os.truncate(victim, 1000)
+    assert _stage_in(1, packed, root)[0].stdout.strip() == str(dest)
+    assert shards.file_sha256(victim) == manifest["splits"]["train"]["shards"][1]["sha256"]
+    assert all(p.stat().st_mtime_ns == mtimes[p] for p in dest.glob("*.tar") if p != victim)
+
+
+def test_staging_falls_back_to_reading_in_place_with_one_warning(packed, tmp_path):
+    image_folder = _stage_in(1, tmp_path, tmp_path / "x")[0]  # not packed: nothing to stage
+    assert image_folder.stdout.strip() == str(tmp_path) and "packed folders only" in image_folder.stderr
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        proc = _stage_in(1, packed, small)[0]
+        assert proc.returncode == 0 and proc.stdout.strip() == str(packed)
+        warnings = [ln for ln in proc.stderr.splitlines() if "in place" in ln]
+        assert len(warnings) == 1 and "not enough room" in warnings[0]
+    finally:
+        subprocess.run(["umount", str(small)])
+
+
+def test_a_run_with_stage_data_trains_from_the_copy_and_reports_staging(packed, tmp_path):
+    from types import SimpleNamespace
+
+    from tla_jobs.data.staging import stage_for_run
+    from tla_jobs.jobs.state import _last_event
+
+    out = tmp_path / "run"
+    args = [a for a in FAST if a not in ("--dataset", "digits")]
+    run_tla("train", "--data-path", packed, "--stage-data", tmp_path / "local", "--output-dir", out,
+            "--max-steps", "2", "--no-tensorboard", *args, check=True)
+    log = (out / "log_rank0.txt").read_text()
+    assert f"reading the data from {tmp_path / 'local'}/digits-packed-" in log
+    # what rank 0 writes while it stages, and how `tla status` says it
+    out2 = tmp_path / "run2"
+    out2.mkdir()
+    stage_for_run(str(tmp_path / "local2"), packed, out2, rank=0, world_size=2)
+    beat = json.loads((out2 / "heartbeat.json").read_text())
+    assert beat["phase"] == "staging" and beat["staged_bytes"] == beat["stage_bytes"] > 0
+    event = _last_event(SimpleNamespace(state="RUNNING", heartbeat=beat, waiting_for_ranks=False, attempts=[]), None)
+    assert event.startswith(f"staging data to {tmp_path / 'local2'}: ") and "(100%)" in event

@@ -77,15 +77,16 @@ def _detail(st) -> None:
     if st.state == "DAMAGED":
         return
     t = Table(title=f"attempts of {st.name}")
-    for col in ("#", "job", "restart", "host", "started", "checkpoint loaded", "ended because", "epoch reached",
-                "step"):
+    for col in ("#", "job", "restart", "host", "ranks", "started", "checkpoint loaded", "ended because",
+                "epoch reached", "step"):
         t.add_column(col)
     for i, a in enumerate(st.attempts, 1):
         s, e = a["start"], a["end"] or {}
         res = s.get("resumed_from") or {}
         loaded = f"{Path(res['path']).name} (epoch {res.get('epoch')}, step {res.get('step')})" if res else "-"
         t.add_row(str(i), str(s.get("job_id", "")), str(a.get("restart_count", s.get("restart_count", ""))),
-                  str(s.get("host", "")), time.strftime("%m-%d %H:%M:%S", time.localtime(s.get("time", 0))), loaded,
+                  str(s.get("host", "")), str(s.get("world_size", "-")),
+                  time.strftime("%m-%d %H:%M:%S", time.localtime(s.get("time", 0))), loaded,
                   escape(str(a.get("outcome") or e.get("reason", "-"))),
                   str(e.get("epoch", "-")), str(e.get("global_step", "-")))
     console.print(t)
@@ -112,6 +113,10 @@ def _detail(st) -> None:
         hb = st.heartbeat
         console.print(f"heartbeat {time.time() - hb.get('time', 0):.0f}s ago: rank 0 on {hb.get('host')} (job "
                       f"{hb.get('job_id')}) is waiting for ranks: {hb.get('world_size')} expected", highlight=False)
+    elif st.heartbeat and st.heartbeat.get("phase") == "staging":  # --stage-data (last_event says how far)
+        hb = st.heartbeat
+        console.print(f"heartbeat {time.time() - hb.get('time', 0):.0f}s ago: rank 0 on {hb.get('host')} (job "
+                      f"{hb.get('job_id')}): {escape(st.last_event)}", highlight=False)
     elif st.heartbeat:
         hb = st.heartbeat
         age = time.time() - hb.get("time", 0)
