@@ -133,3 +133,40 @@ def test_a_global_batch_the_ranks_cannot_make_is_one_line(digits, tmp_path):
                    "--max-steps", "1")
     assert proc.returncode == 2 and "not a multiple of --batch-size 32" in proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_tla_resume_with_fewer_ranks_continues_the_run(digits, tmp_path):
+    """`tla resume RUN --tasks-per-node 1` (`--nodes N` on SLURM) of a 2-rank local run stopped
+    mid-epoch: it completes on one rank with the run's global batch, and `tla status RUN` lists each
+    attempt's ranks."""
+    from conftest import runs_env, status, tla, wait_for
+
+    env = runs_env(tmp_path / "runs")
+    recipe = list(FAST)
+    recipe[recipe.index("--batch-size") + 1] = "16"
+    tla(env, "submit", "train", "--name", "el", "--tasks-per-node", "2", *recipe, "--data-path", digits,
+        "--epochs", "1", "--step-delay", "0.2", "--checkpoint-every-min", "0", check=True)
+    run = env["runs"] / "el"
+
+    def beat() -> dict:
+        try:
+            return json.loads((run / "heartbeat.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    wait_for(lambda: beat().get("global_step", 0) >= 4, 300, what="4 steps on 2 ranks")
+    tla(env, "signal", "el", "--signal", "TERM", check=True)
+    wait_for(lambda: status(env, "el")["state"] not in ("RUNNING", "PENDING", "UNKNOWN"), 120, what="the stop")
+    stopped_at = ckpt.load(run / ckpt.LAST)[0]
+    assert 0 < stopped_at["step_in_epoch"] < 45 and stopped_at["global_batch"] == 32
+    tla(env, "resume", "el", "--tasks-per-node", "1", check=True)
+    wait_for(lambda: status(env, "el")["state"] in ("COMPLETED", "FAILED"), 600, what="the resumed run")
+    st = status(env, "el")
+    assert st["state"] == "COMPLETED", st
+    starts = [json.loads(x) for x in (run / "attempts.jsonl").read_text().splitlines() if '"start"' in x]
+    assert [s["world_size"] for s in starts] == [2, 1]
+    assert "2 micro-batches of 16 per rank and step" in (run / "log_rank0.txt").read_text()
+    assert ckpt.load(run / ckpt.LAST)[0]["global_step"] == 45  # 1442 // 32: the run's steps, not 1442 // 16
+    table = tla(env, "status", "el", check=True).stdout
+    assert "ranks" in table
