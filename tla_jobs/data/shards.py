@@ -305,16 +305,17 @@ def _pack(src: Path, dst: Path, shard_size: int, classes: list[str], plan: dict,
     plans = {split: plan_shards(sources[split], split, shard_size) for split in SPLITS}
     total = sum(len(s.files) for s in sources.values())
     done, report = 0, PackReport(dst, {})
+    kept: set[str] = set()  # shards kept from before: their sha256 was read back from the disk just now
     progress("packing", 0, total)
     for split in SPLITS:
         s = sources[split]
-        names, kept, nbytes = [], 0, 0
+        names, nbytes = [], 0
         for n, members in enumerate(plans[split]):
             name = f"{split}-{n:06d}.tar"
             names.append(name)
             index = _finished(dst, name, s, members)
             if index is not None:
-                kept += 1
+                kept.add(name)
                 done += len(members)
                 progress("packing", done, total)
             else:
@@ -329,10 +330,12 @@ def _pack(src: Path, dst: Path, shard_size: int, classes: list[str], plan: dict,
         for stale in dst.glob(f"{split}-*"):  # shards of an earlier plan beyond this one
             if stale.name.split(".")[0] not in {x.removesuffix(".tar") for x in names}:
                 stale.unlink()
-        report.splits[split] = {"shards": names, "samples": len(s.files), "bytes": nbytes, "kept": kept,
+        report.splits[split] = {"shards": names, "samples": len(s.files), "bytes": nbytes,
+                                "kept": len(kept.intersection(names)),
                                 "counts": s.counts}
     atomic_write_json(dst / CLASSES, classes)
-    shard_meta = verify(dst, {split: report.splits[split]["shards"] for split in SPLITS}, sources, progress)
+    shard_meta = verify(dst, {split: report.splits[split]["shards"] for split in SPLITS}, sources, progress,
+                        read_back=kept)
     for split in SPLITS:
         atomic_write_json(dst / f"{split}.wids.json", {
             "__kind__": "wids-shard-index-v1", "name": split,
@@ -346,9 +349,11 @@ def _pack(src: Path, dst: Path, shard_size: int, classes: list[str], plan: dict,
     return report
 
 
-def verify(dst: Path, shards: dict[str, list[str]], sources: dict[str, Source], progress) -> dict[str, list[dict]]:
-    """Read every shard back: its sha256 against its index, and the samples per class against the
-    source's. Raises ChecksFailed naming the first difference."""
+def verify(dst: Path, shards: dict[str, list[str]], sources: dict[str, Source], progress,
+           read_back: set[str] = frozenset()) -> dict[str, list[dict]]:
+    """Read every shard back (but those in ``read_back``, hashed from the disk already): its sha256
+    against its index, and the samples per class against the source's. Raises ChecksFailed naming
+    the first difference."""
     total = sum(len(v) for v in shards.values())
     done, meta = 0, {}
     progress("verifying", 0, total)
@@ -357,7 +362,7 @@ def verify(dst: Path, shards: dict[str, list[str]], sources: dict[str, Source], 
         meta[split] = []
         for name in names:
             index = json.loads((dst / _index_name(name)).read_text())
-            digest = file_sha256(dst / name)
+            digest = index["sha256"] if name in read_back else file_sha256(dst / name)
             if digest != index["sha256"]:
                 raise ChecksFailed(f"shard {dst / name} does not match its index (sha256 {digest[:12]}… != "
                                    f"{index['sha256'][:12]}…): delete it and pack again")
