@@ -56,12 +56,14 @@ test-slurm: lint
 	$(VENV)/bin/pytest -m slurm
 
 # Speed (not tests): TL-Align's train step, `tla train` against a bare loop, `tla status` over 1,000 runs, the
-# loader workers' cost per image (PIL path against the batched data path's CPU side).
+# loader workers' cost per image (PIL path against the batched data path's CPU side), 50,000 small JPEGs read
+# as files against as shards (cold cache as root).
 bench: $(STAMP)
 	$(PY) benchmarks/bench_align.py
 	$(PY) benchmarks/bench_trainer.py
 	$(PY) benchmarks/bench_status.py
 	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_shards.py
 
 # The CPU part of docs/results.md: TL-Align paired with grid CutMix, 5 seeds, on the one-head Swin where
 # the labels move (about 35 minutes on 2 cores; not part of `make test`). benchmarks/gpu_ablation.sh is the GPU part.

@@ -92,7 +92,11 @@ def test_tl_align_learns_digits_and_eval_only_reproduces(digits, tmp_path):
     run_tla("train", *FAST, "--data-path", digits, "--output-dir", run, "--epochs", "10", check=True, timeout=900)
     rows = metrics(run)
     assert [r["epoch"] for r in rows] == list(range(10))
-    assert rows[-1]["acc1"] > 50.0, rows[-1]  # chance is 10%
+    # chance is 10%. After 10 epochs digits is on the steep part of its curve, and the final top-1 moves
+    # with the random streams: measured over seeds 0-4, 45-52 with the rank-wise sampler of before and
+    # 38-47 with the global order (tla_jobs.data.order), the same code otherwise (bit for bit with the old
+    # streams); so the bar is three times chance, not a figure one stream happens to pass.
+    assert rows[-1]["acc1"] > 30.0, rows[-1]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["end_reason"] == "completed" and summary["mixing"] == "tl-align"
     assert summary["best_acc1"] == max(r["acc1"] for r in rows)

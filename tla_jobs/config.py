@@ -66,6 +66,9 @@ class TrainConfig(BaseModel):
     dataset: Literal["imagefolder", "fashion-mnist", "digits", "synthetic"] = "imagefolder"
     data_path: str = ""
     output_dir: str = ""
+    stage_data: str = Field("", description="copy the packed --data-path (`tla data pack`) to this node-local folder "
+                            "at job start, once per node (e.g. a local SSD, or '$SLURM_TMPDIR': variables are "
+                            "expanded on the node); read in place when it has no room")
     img_size: int | None = Field(None, ge=8, le=4096, description="input size; default: the model's own")
     num_classes: int | None = Field(None, gt=1, le=MAX_CLASSES, description="default: the number of class folders "
                                     "(1000 with --dataset synthetic)")
@@ -88,6 +91,10 @@ class TrainConfig(BaseModel):
     # optimisation (DeiT)
     epochs: int = Field(300, gt=0, le=MAX_EPOCHS)
     batch_size: int = Field(64, gt=0, le=65536, description="per process")
+    global_batch: int | None = Field(None, gt=0, le=2**24, description="images per optimizer step, all ranks "
+                                     "together; default: --batch-size x the ranks of the first start. Kept when the "
+                                     "run resumes on fewer ranks (gradient accumulation), so the lr and the sample "
+                                     "order stay")
     lr: float | None = Field(None, gt=0, le=MAX_LR, description="default 5e-4 x global batch / 512")
     min_lr: float = Field(1e-5, ge=0, le=MAX_LR)
     warmup_lr: float = Field(1e-6, ge=0, le=MAX_LR)

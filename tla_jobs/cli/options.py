@@ -30,7 +30,7 @@ HELP = {
     "resume": "Checkpoint to start from; by default the run resumes from its own newest good checkpoint.",
     "eval_only": "Evaluate --resume CKPT on the val split and write eval.json.",
     "output_dir": "Run directory: checkpoints, metrics.jsonl, heartbeat.json, logs.",
-    "data_path": "Dataset root (holds train/ and val/).",
+    "data_path": "Dataset root: an ImageFolder (train/ and val/) or a folder of `tla data pack` shards.",
     "cutmix": "CutMix alpha (0 = off).",
     "mix_mode": "How mixing partners and λ are drawn: per batch or per sample (elem).",
     "mixup_switch_prob": "Without TL-Align: the chance of mixup instead of CutMix for a batch.",

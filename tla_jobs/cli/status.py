@@ -77,8 +77,8 @@ def _detail(st) -> None:
     if st.state == "DAMAGED":
         return
     t = Table(title=f"attempts of {escape(st.name)}")
-    for col in ("#", "job", "restart", "host", "started", "checkpoint loaded", "ended because", "epoch reached",
-                "step"):
+    for col in ("#", "job", "restart", "host", "ranks", "started", "checkpoint loaded", "ended because",
+                "epoch reached", "step"):
         t.add_column(col)
     for i, a in enumerate(st.attempts, 1):
         s, e = a["start"], a["end"] or {}
@@ -86,7 +86,7 @@ def _detail(st) -> None:
         loaded = f"{Path(res['path']).name} (epoch {res.get('epoch')}, step {res.get('step')})" if res else "-"
         t.add_row(*(escape(str(v)) for v in (  # every cell from attempts.jsonl is text, never markup
             i, s.get("job_id", ""), a.get("restart_count", s.get("restart_count", "")), s.get("host", ""),
-            time.strftime("%m-%d %H:%M:%S", time.localtime(s.get("time", 0))), loaded,
+            s.get("world_size", "-"), time.strftime("%m-%d %H:%M:%S", time.localtime(s.get("time", 0))), loaded,
             a.get("outcome") or e.get("reason", "-"), e.get("epoch", "-"), e.get("global_step", "-"))))
     console.print(t)
     if st.evals:
@@ -113,6 +113,10 @@ def _detail(st) -> None:
         console.print(f"heartbeat {time.time() - hb.get('time', 0):.0f}s ago: rank 0 on {hb.get('host')} (job "
                       f"{hb.get('job_id')}) is waiting for ranks: {hb.get('world_size')} expected", highlight=False,
                       markup=False)
+    elif st.heartbeat and st.heartbeat.get("phase") == "staging":  # --stage-data (last_event says how far)
+        hb = st.heartbeat
+        console.print(f"heartbeat {time.time() - hb.get('time', 0):.0f}s ago: rank 0 on {hb.get('host')} (job "
+                      f"{hb.get('job_id')}): {st.last_event}", highlight=False, markup=False)
     elif st.heartbeat:
         hb = st.heartbeat
         age = time.time() - hb.get("time", 0)

@@ -75,37 +75,66 @@ class DeviceTransform:
         return torch.where(inside.unsqueeze(1), noise, x)
 
 
+SAMPLE_LOG = "TLA_SAMPLE_LOG"
+
+
+def log_samples(rank: int, epoch: int, step: int, k: int, indices: list[int]) -> None:
+    """With TLA_SAMPLE_LOG=PREFIX (tests of the global order): one JSON line per micro-batch handed to
+    the step, in PREFIX.rankR.jsonl."""
+    import json
+    import os
+
+    with open(f"{os.environ[SAMPLE_LOG]}.rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": epoch, "step": step, "k": k, "indices": indices}) + "\n")
+
+
 class LoaderBatches:
-    """A DataLoader of uint8 batches (persistent workers) and its resumable sampler, on the device."""
+    """A DataLoader of uint8 batches (persistent workers) and its resumable sampler, on the device.
+    Each step is a list of micro-batches (images, targets, seed): A of them when this rank
+    accumulates A per optimizer step (tla_jobs.data.order); the seed is of (run seed, epoch, step,
+    the micro-batch's index k in the global batch), never of the rank."""
 
     def __init__(self, loader, sampler, transform: DeviceTransform, batch_size: int, seed: int, rank: int,
                  augment=None):
         self.loader, self.sampler, self.transform, self.augment = loader, sampler, transform, augment
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
-        self.steps_per_epoch = len(sampler.base) // batch_size
         # Seconds the host waited for the loader's next batch (read and reset by the training loop):
         # host time only, so measuring it adds no host-device synchronisation.
         self.waited = 0.0
 
-    def epoch(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def set_global_batch(self, global_batch: int) -> None:
+        self.sampler.set_global_batch(global_batch)
+
+    def epoch(self, epoch: int, start_step: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, int]]]:
         if start_step >= self.steps_per_epoch:
             return
-        self.sampler.set_epoch(epoch, start_step * self.batch_size)
+        self.sampler.set_epoch(epoch, start_step)
+        order = self.sampler.order
+        record = getattr(self.sampler, "record", None)
+        if record is not None:
+            record.clear()  # what an earlier, unfinished epoch's iterator took ahead
         batches = iter(self.loader)
-        step = start_step
-        while True:
-            t0 = time.perf_counter()
-            try:
-                images, targets = next(batches)
-            except StopIteration:
-                return
-            finally:
-                self.waited += time.perf_counter() - t0
-            seed = batch_seed(self.seed, epoch, step, self.rank)
-            if self.augment is not None:  # the batched path: crops + parameter rows → augmented uint8
-                images = self.augment(*images, device=self.transform.device)
-            yield self.transform(images, seed), targets.to(self.transform.device, non_blocking=True)
-            step += 1
+        for step in range(start_step, self.steps_per_epoch):
+            micro = []
+            for a in range(order.accumulation):
+                t0 = time.perf_counter()
+                try:
+                    images, targets = next(batches)
+                finally:
+                    self.waited += time.perf_counter() - t0
+                seed = batch_seed(self.seed, epoch, step, order.micro_index(a))
+                if record is not None:
+                    log_samples(self.rank, epoch, step, order.micro_index(a),
+                                [record.popleft() for _ in range(len(targets))])
+                if self.augment is not None:  # the batched path: crops + parameter rows → augmented uint8
+                    images = self.augment(*images, device=self.transform.device)
+                micro.append((self.transform(images, seed), targets.to(self.transform.device, non_blocking=True),
+                              seed))
+            yield micro
 
 
 class EvalBatches:
@@ -127,17 +156,26 @@ class SyntheticBatches:
         self.transform, self.batch_size, self.img_size = transform, batch_size, img_size
         self.num_classes, self.steps_per_epoch, self.seed, self.rank = num_classes, steps_per_epoch, seed, rank
         self.train = train
+        self.accumulation = 1  # micro-batches per step (a run whose global batch needs more than this rank's batch)
         self.gen = torch.Generator(device=transform.device)
         self.waited = 0.0  # made on the device: never waits for a loader
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        dev, b, s = self.transform.device, self.batch_size, self.img_size
+    def epoch(self, epoch: int, start_step: int = 0):
+        """Training: each step a list of one micro-batch (images, targets, seed); evaluation
+        (``train=False``, iterated): (images, targets) batches."""
         for step in range(start_step, self.steps_per_epoch):
-            seed = batch_seed(self.seed, epoch if self.train else -1, step, self.rank)
-            self.gen.manual_seed(seed)
-            images = torch.randint(0, 256, (b, 3, s, s), generator=self.gen, device=dev, dtype=torch.uint8)
-            targets = torch.randint(0, self.num_classes, (b,), generator=self.gen, device=dev)
-            yield self.transform(images, seed if self.train else None), targets
+            if self.train:
+                yield [self._batch(epoch, step * self.accumulation + a) for a in range(self.accumulation)]
+            else:
+                yield self._batch(-1, step)[:2]
+
+    def _batch(self, epoch: int, step: int):
+        dev, b, s = self.transform.device, self.batch_size, self.img_size
+        seed = batch_seed(self.seed, epoch, step, self.rank)
+        self.gen.manual_seed(seed)
+        images = torch.randint(0, 256, (b, 3, s, s), generator=self.gen, device=dev, dtype=torch.uint8)
+        targets = torch.randint(0, self.num_classes, (b,), generator=self.gen, device=dev)
+        return self.transform(images, seed if self.train else None), targets, seed
 
     def __iter__(self):
         return self.epoch(0)

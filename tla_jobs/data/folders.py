@@ -119,10 +119,15 @@ def _verify(split: Split) -> None:
 
 
 def check_image_folder(data: str | os.PathLike, verify_images: bool = True) -> tuple[Split, Split]:
-    """Both splits, with the same classes; raises DataError with one line for anything else."""
+    """Both splits, with the same classes; raises DataError with one line for anything else.
+    A packed folder (`tla data pack`, detected by its manifest) gets the same checks from its index."""
     data = Path(data).expanduser()
     if not data.is_dir():
         raise DataError(f"data folder {data} does not exist")
+    from tla_jobs.data.shards import check_packed, is_packed
+
+    if is_packed(data):
+        return check_packed(data, verify_images)
     train, val = _scan(data / "train", "train"), _scan(data / "val", "val")
     if train.classes != val.classes:
         only_t = sorted(set(train.classes) - set(val.classes))

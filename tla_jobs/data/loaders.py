@@ -8,16 +8,19 @@ batched path (--data-device cuda/batch) workers only decode and cut each sample'
 (tla_jobs.data.params).
 
 Two things timm and torch lack, written here:
-- `ResumableSampler` starts an epoch part-way (after the samples already trained on), so a run
-  resumed mid-epoch sees the same remaining samples in the same order as one never stopped.
-- `SeededSamples` draws each sample's augmentation from a seed of (run seed, epoch, rank, position)
-  instead of from the loader workers' RNG, so augmentations do not depend on how many workers ran
-  or when the loader was (re)started.
+- `ResumableSampler` gives this rank's share of the run's one global order (tla_jobs.data.order),
+  from any step of an epoch on, so a run resumed mid-epoch, on the same or another number of ranks,
+  sees the same remaining samples in the same order as one never stopped.
+- `SeededSamples` draws each sample's augmentation from a seed of (run seed, epoch, position in the
+  epoch's global order) instead of from the loader workers' RNG, so augmentations depend neither on
+  the rank nor on how many workers ran or when the loader was (re)started.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,15 +30,16 @@ import torch
 from PIL import Image
 from timm.data import auto_augment as _aa
 from timm.data import create_transform
-from timm.data.distributed_sampler import RepeatAugSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
 from tla_jobs.config import TrainConfig
 from tla_jobs.data.crops import CropTransform, collate_crops, read_bytes
-from tla_jobs.data.device import DeviceTransform, LoaderBatches
+from tla_jobs.data.device import SAMPLE_LOG, DeviceTransform, LoaderBatches
 from tla_jobs.data.gpu_augment import DeviceAugment
+from tla_jobs.data.order import GlobalOrder
 from tla_jobs.data.params import TrainParams
+from tla_jobs.data.shards import PackedDataset, is_packed
 from tla_jobs.errors import DataError, TlaError
 
 log = logging.getLogger("tla.data")
@@ -130,24 +134,37 @@ class SeededSamples(Dataset):
 
 
 class ResumableSampler(Sampler):
-    """One epoch of `base` (a timm/torch distributed sampler), from sample `start` on, with seeds."""
+    """(index, seed) of this rank's samples of one epoch from a given step on, in the run's one global
+    order (tla_jobs.data.order): the same samples, order and seeds on any number of ranks."""
 
-    def __init__(self, base: Sampler, seed: int, rank: int):
-        self.base, self.seed, self.rank = base, seed, rank
+    def __init__(self, order: GlobalOrder):
+        self.order = order
         self.epoch, self.start = 0, 0
+        # TLA_SAMPLE_LOG (tests): the indices handed to the loader, in order, for LoaderBatches to log
+        # per micro-batch as its batches come out (a DataLoader returns batches in sampler order)
+        self.record: collections.deque | None = collections.deque() if os.environ.get(SAMPLE_LOG) else None
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-        self.base.set_epoch(epoch)
+    def set_global_batch(self, global_batch: int) -> None:
+        """The run's global batch (from its checkpoint): the accumulation steps follow from it."""
+        o = self.order
+        self.order = GlobalOrder(o.num_samples, o.seed, o.repeated, o.batch_size, o.world_size, o.rank, global_batch)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start = epoch, start_step
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.order.steps_per_epoch
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = list(self.base)
-        base_seed = (self.seed * 1_000_003 + self.epoch) * 10_007 + self.rank
-        for pos in range(self.start, len(order)):
-            yield order[pos], (base_seed * 100_003 + pos) % 2**63
+        for item in self.order.samples(self.epoch, self.start):
+            if self.record is not None:
+                self.record.append(item[0])
+            yield item
 
     def __len__(self) -> int:
-        return max(len(self.base) - self.start, 0)
+        o = self.order
+        return max(o.steps_per_epoch - self.start, 0) * o.accumulation * o.batch_size
 
 
 class _Shard(Sampler):
@@ -163,7 +180,12 @@ class _Shard(Sampler):
         return len(self.indices)
 
 
-def _folder(data: Path, split: str, transform, loader=_loader) -> ImageFolder:
+def _folder(data: Path, split: str, transform, loader=_loader) -> ImageFolder | PackedDataset:
+    """The split as torchvision's ImageFolder, or from the shards of a packed folder (`tla data pack`):
+    the same samples under the same indices, so samplers, seeds and exact resume do not change.
+    ``loader`` read_bytes (the batched data path): each sample's bytes, decoded in its transform."""
+    if is_packed(data):
+        return PackedDataset(data, split, transform, raw=loader is read_bytes)
     try:
         return ImageFolder(str(data / split), transform=transform, loader=loader)
     except FileNotFoundError:  # checked at start, gone since (a shared filesystem, a cleaned scratch)
@@ -171,22 +193,18 @@ def _folder(data: Path, split: str, transform, loader=_loader) -> ImageFolder:
 
 
 def train_loader(cfg: TrainConfig, data: Path, img_size: int, rank: int, world_size: int,
-                 params: TrainParams | None = None):
+                 params: TrainParams | None = None, global_batch: int | None = None):
     """(dataset, ResumableSampler, DataLoader) of this rank's share of the training split: uint8 images
     augmented in the workers, or with ``params`` (the batched path) each sample's crop and parameters."""
+    global_batch = global_batch or cfg.batch_size * world_size
     if params is None:
         ds = _folder(data, "train", build_transforms(cfg, img_size)[0])
     else:
         ds = _folder(data, "train", CropTransform(params), loader=read_bytes)
-    if len(ds) < cfg.batch_size * world_size:
-        raise DataError(f"{data / 'train'} has {len(ds)} images, fewer than one global batch "
-                        f"({cfg.batch_size} x {world_size})")
-    if cfg.repeated_aug:
-        base = RepeatAugSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, num_repeats=3)
-    else:
-        base = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
-                                  drop_last=True)
-    sampler = ResumableSampler(base, cfg.seed, rank)
+    if len(ds) < global_batch:
+        raise DataError(f"{data / 'train'} has {len(ds)} images, fewer than one global batch ({global_batch})")
+    sampler = ResumableSampler(GlobalOrder(len(ds), cfg.seed, cfg.repeated_aug, cfg.batch_size, world_size, rank,
+                                           global_batch))
     loader = DataLoader(
         SeededSamples(ds),
         batch_size=cfg.batch_size,
@@ -203,10 +221,10 @@ def train_loader(cfg: TrainConfig, data: Path, img_size: int, rank: int, world_s
 
 
 def train_batches(cfg: TrainConfig, data: Path, img_size: int, rank: int, world_size: int,
-                  transform: DeviceTransform) -> tuple[int, LoaderBatches]:
+                  transform: DeviceTransform, global_batch: int | None = None) -> tuple[int, LoaderBatches]:
     """(dataset size, batches on the device) of this rank's share of the training split."""
     params = batched_params(cfg, img_size, transform.device)
-    ds, sampler, loader = train_loader(cfg, data, img_size, rank, world_size, params)
+    ds, sampler, loader = train_loader(cfg, data, img_size, rank, world_size, params, global_batch)
     augment = DeviceAugment(params) if params is not None else None
     return len(ds), LoaderBatches(loader, sampler, transform, cfg.batch_size, cfg.seed, rank, augment)
 

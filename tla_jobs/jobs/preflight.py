@@ -49,9 +49,12 @@ def preflight(plan: Plan) -> list[Check]:
                                           f"{val.size} val images"))
         # what the trainer would refuse once its ranks have met: too few images for one global batch,
         # fewer classes than class folders
-        if train.size < spec.get("batch_size", 1) * plan.ranks:
+        if train.size < (spec.get("global_batch") or spec.get("batch_size", 1) * plan.ranks):
             checks.append(Check("batch", False, f"--batch-size {spec.get('batch_size')} x {plan.ranks} rank(s) is "
                                                 f"more than the {train.size} training images"))
+        if spec.get("global_batch") and spec["global_batch"] % (spec.get("batch_size", 1) * plan.ranks):
+            checks.append(Check("batch", False, f"--global-batch {spec['global_batch']} is not a multiple of "
+                                                f"--batch-size {spec.get('batch_size')} x {plan.ranks} rank(s)"))
         if spec.get("num_classes") and spec["num_classes"] < len(train.classes):
             checks.append(Check("classes", False, f"--num-classes {spec['num_classes']} is fewer than the "
                                                   f"{len(train.classes)} class folders"))

@@ -318,7 +318,7 @@ def decide(sched: str | None, attempt: dict | None, summary: dict | None, record
         return "CANCELLED", "attempts"
     beat = beat or {}
     fresh = isinstance(beat.get("time"), (int, float)) and time.time() - beat["time"] < 120
-    if fresh and beat.get("phase") in ("training", "evaluating", "waiting for ranks"):
+    if fresh and beat.get("phase") in ("training", "evaluating", "waiting for ranks", "staging"):
         return "RUNNING", "heartbeat"
     return "UNKNOWN", ""
 
@@ -369,6 +369,13 @@ def _last_event(st: RunStatus, last_end: dict | None) -> str:
     if st.waiting_for_ranks:
         age = time.time() - beat["time"] if isinstance(beat.get("time"), (int, float)) else 0
         return f"waiting for ranks: {beat.get('world_size', '?')} expected ({age:.0f}s)"
+    if st.state in ("RUNNING", "UNKNOWN") and beat.get("phase") == "staging":  # --stage-data, at job start
+        done, total = beat.get("staged_bytes"), beat.get("stage_bytes")
+        if isinstance(done, (int, float)) and isinstance(total, (int, float)) and total > 0:
+            how_far = f"{done / 1e9:.1f} of {total / 1e9:.1f} GB ({100 * done / total:.0f}%)"
+        else:
+            how_far = "waiting for the rank of its node that copies"
+        return f"staging data to {beat.get('stage_dir', '?')}: {how_far}"
     if st.attempts and last_end is None and st.attempts[-1].get("outcome", "running") != "running":
         return f"attempt {len(st.attempts)}: {st.attempts[-1]['outcome']}"
     if last_end is not None:

@@ -177,12 +177,18 @@ def save(run: Run, p: Progress, extra_names=()) -> None:
     keeping its predecessor, and the same bytes under ``extra_names`` (best, epoch N), with one line
     per file in checkpoints.jsonl; then --keep-last/--keep-best prune the periodic ones."""
     states = tdist.gather_objects(rng.rank_state(run.mix_gen), run.info)
+    # The epoch's running sums of all ranks (each rank holds its own share until the epoch's end), so
+    # that a run resumed on another number of ranks reports the same epoch mean (:func:`resume`).
+    sums = torch.tensor([p.loss_sum, p.loss_count, p.shift_sum, p.shift_count], dtype=torch.float64,
+                        device=run.info.device)
+    totals = tdist.all_reduce_sum(sums, run.info).tolist()
     if run.info.is_main:
         run.runlog.check_owner()
         cfg = run.cfg
         meta = {"version": __version__, "model_name": cfg.model, "num_classes": run.num_classes,
                 "config": cfg.model_dump()}
-        progress = p.as_payload()
+        progress = {**p.as_payload(), "train_loss_sum": totals[0], "train_loss_count": int(totals[1]),
+                    "shift_sum": totals[2], "shift_count": int(totals[3])}
         data, digest = serialize(payload(meta, run.models, run.opt, progress, states))
         # the metrics row of exactly these weights: the epoch just finished, when no step came since
         row = p.history[-1] if p.step_in_epoch == 0 and p.history and p.history[-1]["epoch"] == p.epoch - 1 else None
@@ -253,9 +259,11 @@ def resume(run: Run) -> tuple[Progress, dict | None]:
     restore(data, path, run.models, run.opt, extend=run.cfg.extend)
     p = Progress.from_payload(data)
     states, info = data["rng"], run.info
+    if not info.is_main:  # the epoch's running sums are all ranks' together: rank 0 carries them on
+        p.loss_sum, p.loss_count, p.shift_sum, p.shift_count = 0.0, 0, 0.0, 0
     if len(states) == info.world_size:
         rng.set_rank_state(states[info.rank], run.mix_gen)
-    else:
-        log.warning("checkpoint has RNG states of %d ranks, this run has %d: reseeding", len(states), info.world_size)
+    else:  # training draws from per-micro-batch seeds (tla_jobs.data.order), not from these streams
+        log.info("checkpoint has RNG states of %d ranks, this run has %d: reseeding", len(states), info.world_size)
     log.info("resumed from %s (sha256 %s…): epoch %d, step %d", path, digest[:12], p.epoch, p.step_in_epoch)
     return p, {"path": str(path), "sha256": digest, "epoch": p.epoch, "step": p.step_in_epoch}

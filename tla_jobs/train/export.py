@@ -66,8 +66,12 @@ def load_line(meta: dict, path: str) -> str:
 
 def _class_names(config: dict, num_classes: int) -> list[str]:
     """The training split's class folders in the order torchvision's ImageFolder numbered them."""
+    data = Path(config.get("data_path") or "")
+    if (data / "classes.json").is_file() and (data / "index.json").is_file():  # packed (tla data pack)
+        names = json.loads((data / "classes.json").read_text())
+        return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
     try:
-        names = find_classes(str(Path(config.get("data_path") or "") / "train"))[0]
+        names = find_classes(str(data / "train"))[0]
     except (FileNotFoundError, NotADirectoryError):  # a synthetic run, or data moved since
         names = []
     return names if len(names) == num_classes else [str(i) for i in range(num_classes)]

@@ -62,6 +62,10 @@ def train(cfg: TrainConfig, max_stalled_attempts: int = 0) -> dict:
         rundir.refuse_linked_dirs(out)
         recipe.check_folder(cfg.model_dump(), out)  # before this attempt writes anything into the folder
     world = tdist.expected_world_size()
+    if cfg.stage_data and data is not None and not cfg.eval_only:  # before the group: one rank per node copies
+        from tla_jobs.data.staging import stage_for_run
+
+        data = stage_for_run(cfg.stage_data, data, out, envvars.rank(), world)
     if world > 1 and envvars.rank() == 0 and not cfg.eval_only:
         waiting_for_ranks(out, world)
     info = tdist.init()
@@ -70,10 +74,13 @@ def train(cfg: TrainConfig, max_stalled_attempts: int = 0) -> dict:
         setup.setup_logging(out, info.rank)
         if cfg.eval_only:
             return evaluate_checkpoint(cfg, model, data, num_classes, out, info)
+        if cfg.stage_data and data is not None:
+            log.info("reading the data from %s (--stage-data %s)", data, cfg.stage_data)
         run = setup.build_run(cfg, model, data, num_classes, out, info, stop)
         if info.is_main:
             ckpt.remove_orphans(out)
         p, resumed_from = ckpt.resume(run)
+        setup.keep_global_batch(run, p)
         return fit(run, p, resumed_from, max_stalled_attempts)
     finally:
         stop.restore()
@@ -89,10 +96,11 @@ def fit(run: Run, p: Progress, resumed_from: dict | None, max_stalled_attempts: 
     runlog.refuse_if_stalled(max_stalled_attempts, p)
     log.info(
         "training %s (%s, labels: %s) on %s: %d images, %d classes, %d epochs x %d steps, global batch %d, "
-        "lr %.2e, %d process(es) on %s%s",
+        "lr %.2e, %d process(es) on %s%s%s",
         cfg.model, cfg.mixing(), resolve_path(cfg.align_path, info.device), run.data or "synthetic data",
-        run.images, run.num_classes, cfg.epochs, run.train.steps_per_epoch, cfg.batch_size * info.world_size,
+        run.images, run.num_classes, cfg.epochs, run.train.steps_per_epoch, run.global_batch,
         run.lr, info.world_size, info.device, ", compiled" if cfg.compile else "",
+        f", {run.accumulation} micro-batches of {cfg.batch_size} per rank and step" if run.accumulation > 1 else "",
     )
     setup.say_warnings(cfg, info.is_main)  # with the run's first lines: a refusal before them stays one line
     run.stop.install()
@@ -103,7 +111,7 @@ def fit(run: Run, p: Progress, resumed_from: dict | None, max_stalled_attempts: 
         while p.epoch < cfg.epochs:
             run.opt.scheduler.step(p.epoch)
             lr = run.opt.optimizer.param_groups[0]["lr"]
-            epoch_clock = EpochClock(p.step_in_epoch, run.train.steps_per_epoch, cfg.batch_size * info.world_size)
+            epoch_clock = EpochClock(p.step_in_epoch, run.train.steps_per_epoch, run.global_batch)
             run.train.waited = 0.0  # seconds this epoch waited for the loader (LoaderBatches adds to it)
             limit = train_one_epoch(run, p, clock, epoch_clock, lr)
             if limit and p.step_in_epoch < run.train.steps_per_epoch:
@@ -137,8 +145,8 @@ def train_one_epoch(run: Run, p: Progress, clock: CheckClock, epoch_clock: Epoch
     cfg, steps_per_epoch = run.cfg, run.train.steps_per_epoch
     delay = step_delay(cfg)
     run.models.net.train()
-    for images, targets in run.train.epoch(p.epoch, p.step_in_epoch):
-        run.step(images, targets, p.global_step)
+    for micro in run.train.epoch(p.epoch, p.step_in_epoch):
+        run.step(micro, p.global_step)
         p.step_in_epoch += 1
         p.global_step += 1
         epoch_clock.stepped(p.step_in_epoch)

@@ -21,6 +21,7 @@ class Progress:
     shift_sum: float = 0.0  # this epoch's running mean |w_cls - λ| (aligned batches only)
     shift_count: int = 0
     best_acc1: float = -1.0
+    global_batch: int = 0  # images per optimizer step, all ranks: the run's, kept on any number of ranks (0: unknown)
     history: list = field(default_factory=list)  # metrics.jsonl rows, rewritten from here on resume
 
     _KEYS = {"train_loss_sum": "loss_sum", "train_loss_count": "loss_count", "metrics": "history"}

@@ -35,6 +35,8 @@ def differences(cfg: dict, reference: dict, extend: bool = False) -> list[str]:
     for key in sorted(cfg):
         if key in MECHANICS or key not in reference or (extend and key == "epochs"):
             continue
+        if key == "global_batch" and None in (cfg[key], reference[key]):
+            continue  # unset: the run's own, which every checkpoint keeps (and the trainer restores)
         if cfg[key] != reference[key]:
             out.append(f"{key} {cfg[key]!r} (was {reference[key]!r})")
     return out

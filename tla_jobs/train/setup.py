@@ -25,6 +25,7 @@ from tla_jobs.config import TrainConfig
 from tla_jobs.data.device import DeviceTransform, EvalBatches, SyntheticBatches
 from tla_jobs.data.folders import check_image_folder
 from tla_jobs.data.loaders import eval_loader, train_batches
+from tla_jobs.data.order import check_global_batch
 from tla_jobs.data.prepare import prepare
 from tla_jobs.errors import CheckpointError, DataError, TlaError
 from tla_jobs.fsutil import open_for_append
@@ -83,9 +84,12 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, int, torch.nn.Module]:
     else:
         train_split, _ = check_image_folder(data)
         world = tdist.expected_world_size()
-        if train_split.size < cfg.batch_size * world:  # before the ranks wait for each other
+        global_batch = cfg.global_batch or cfg.batch_size * world
+        if train_split.size < global_batch:  # before the ranks wait for each other
             raise DataError(f"{data / 'train'} has {train_split.size} images, fewer than one global batch "
-                            f"({cfg.batch_size} x {world})")
+                            f"({global_batch})")
+        if cfg.global_batch:
+            check_global_batch(cfg.global_batch, cfg.batch_size, world)
         num_classes = cfg.num_classes or len(train_split.classes)
         if num_classes < len(train_split.classes):
             raise DataError(f"--num-classes {num_classes} is fewer than the {len(train_split.classes)} "
@@ -169,6 +173,12 @@ class Run:
     runlog: RunLog
     stop: StopSignals
     curves: Curves | None = None  # set by loop.fit, which knows the step it starts from
+    global_batch: int = 0  # images per optimizer step, all ranks (tla_jobs.data.order)
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per rank and optimizer step."""
+        return max(1, self.global_batch // (self.cfg.batch_size * self.info.world_size))
 
     def rates(self, images_per_s: float) -> dict:
         return throughput.rates(images_per_s, self.info.world_size, self.flops_per_image, self.peak_tflops)
@@ -183,7 +193,7 @@ def build_run(cfg: TrainConfig, model, data: Path | None, num_classes: int, out:
         model.set_distilled_training(True)  # both heads train (each on its own aligned target)
     flops = throughput.train_flops_per_image(model, img_size) if info.is_main else None
     model.to(device)
-    global_batch = cfg.batch_size * info.world_size
+    global_batch = cfg.global_batch or cfg.batch_size * info.world_size  # a resumed run's: keep_global_batch
     lr = cfg.lr or 5e-4 * global_batch / 512
     optimizer = create_optimizer_v2(
         model, opt="adamw", lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps, filter_bias_and_bn=True,
@@ -207,10 +217,30 @@ def build_run(cfg: TrainConfig, model, data: Path | None, num_classes: int, out:
     if data is None:
         steps = max(1, cfg.synthetic_images // global_batch)
         train = SyntheticBatches(transform, cfg.batch_size, img_size, num_classes, steps, cfg.seed, info.rank)
+        train.accumulation = check_global_batch(global_batch, cfg.batch_size, info.world_size)
         images = steps * global_batch
     else:
-        images, train = train_batches(cfg, data, img_size, info.rank, info.world_size, transform)
+        images, train = train_batches(cfg, data, img_size, info.rank, info.world_size, transform, global_batch)
     return Run(cfg, info, out, data, num_classes, models, opt, step, mix_gen, train,
                val_batches(cfg, model, data, num_classes, info), images, lr, flops,
                throughput.peak_tflops(device, amp_mode, cfg.peak_tflops),
-               RunLog(out, info.is_main, info.world_size, cfg.epochs), stop)
+               RunLog(out, info.is_main, info.world_size, cfg.epochs), stop, global_batch=global_batch)
+
+
+def keep_global_batch(run: Run, p) -> None:
+    """After the resume: the run keeps the global batch it started with (its checkpoint's), on any
+    number of ranks, by accumulating micro-batches (batch x world size x accumulation = global batch);
+    the lr and its schedule come back with the optimizer's and scheduler's state."""
+    cfg, saved = run.cfg, p.global_batch
+    if saved and saved != run.global_batch:
+        if cfg.global_batch:
+            raise CheckpointError(f"--global-batch {cfg.global_batch} differs from this run's global batch {saved} "
+                                  "(its checkpoint): leave it out to keep the run's, or start a new run")
+        check_global_batch(saved, cfg.batch_size, run.info.world_size)
+        run.global_batch = saved
+        if hasattr(run.train, "set_global_batch"):
+            run.train.set_global_batch(saved)
+        else:  # synthetic data
+            run.train.accumulation = run.accumulation
+        run.lr = cfg.lr or 5e-4 * saved / 512
+    p.global_batch = run.global_batch
