@@ -219,7 +219,8 @@ def test_training_into_a_folder_of_another_recipe_is_refused_before_anything_is_
 
     copy = trained.parent / "copy.yaml"  # a copied config.yaml, its epochs edited
     copy.write_text((trained / rundir.CONFIG_YAML).read_text().replace("epochs: 4", "epochs: 6"))
-    line = one_line_error(run_tla("train", "--config", copy, timeout=300), "another recipe")
+    one_line_error(run_tla("train", "--config", copy, timeout=300), "a config naming the run")
+    line = one_line_error(run_tla("train", "--config", copy, "--output-dir", trained, timeout=300), "another recipe")
     assert "epochs 6 (was 4)" in line and "--extend" in line
     assert snapshot(trained) == before
 

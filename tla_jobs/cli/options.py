@@ -135,6 +135,14 @@ def _same_dir(a: Path, b: Path) -> bool:
         return False
 
 
+def _holds_run(folder: Path) -> bool:
+    """A folder a run was trained or submitted in (its config.yaml, run.json or checkpoint)."""
+    from tla_jobs import rundir
+
+    folder = folder.expanduser()
+    return any((folder / n).exists() for n in (rundir.CONFIG_YAML, rundir.RUN_JSON, rundir.CHECKPOINT_LAST))
+
+
 def with_train_options(fn=None, *, not_from_file: tuple[str, ...] = ()):
     """Append the trainer options and --config FILE to ``fn``'s own; ``fn`` receives them as
     ``train_kwargs``: the defaults, the file's values over them (except ``not_from_file``), the
@@ -151,8 +159,11 @@ def with_train_options(fn=None, *, not_from_file: tuple[str, ...] = ()):
             recipe = {k: v for k, v in load_config_file(config).items() if k not in not_from_file}
             typed = {k: v for k, v in train_kwargs.items() if _typed(ctx, k)}
             own = recipe.get("output_dir")
-            if own and "output_dir" not in typed and _same_dir(Path(own), Path(config).parent):
-                raise TlaError(f"{config} is the config of the run in {own}: add --output-dir NEW to repeat "
+            if own and "output_dir" not in typed and _holds_run(Path(str(own))):
+                # a run's config.yaml, or a copy of it: its output_dir is that run's folder, which a repeat
+                # (even with an option edited) must not train into unasked
+                whose = "the config of" if _same_dir(Path(str(own)), Path(config).parent) else "a config naming"
+                raise TlaError(f"{config} is {whose} the run in {own}: add --output-dir NEW to repeat "
                                f"that run (or --output-dir {own} to continue it)")
             train_kwargs = {**train_kwargs, **recipe, **typed}
         return fn(**kwargs, train_kwargs=train_kwargs)
