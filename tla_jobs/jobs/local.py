@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from tla_jobs import procs, rundir
+from tla_jobs.fsutil import UnsafeFile, open_for_append
 from tla_jobs.jobs import pickles
 from tla_jobs.jobs.scheduler import JobRecord
 
@@ -54,12 +55,12 @@ def _held(path: Path) -> bool:
     import fcntl
 
     try:
-        with open(path, "a") as f:
+        with os.fdopen(open_for_append(path), "a") as f:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
             return False
     except BlockingIOError:
         return True
-    except OSError:
+    except (OSError, UnsafeFile):
         return False
 
 
@@ -83,11 +84,11 @@ def wait_for_slot(run_dir: Path, is_main: bool, on_wait=None, poll_s: float = 1.
             if _held(mine):
                 return None
         else:
-            with open(folder / "mutex", "a") as mutex:
+            with os.fdopen(open_for_append(folder / "mutex"), "a") as mutex:  # no link, no FIFO
                 fcntl.flock(mutex, fcntl.LOCK_EX)
                 running = sum(_held(p) for p in folder.glob("*.lock") if p != mine)
                 if running < parallel:
-                    held = open(mine, "a")  # noqa: SIM115 (held until the process ends)
+                    held = os.fdopen(open_for_append(mine), "a")  # held until the process ends
                     fcntl.flock(held, fcntl.LOCK_EX)
                     return held
         if on_wait is not None and is_main and not waited:  # only rank 0 writes the run's files

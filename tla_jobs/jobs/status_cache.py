@@ -175,7 +175,8 @@ def store(st: RunStatus, keys: dict) -> RunStatus | None:
         if signature is None:
             return None  # no key to prove it with: no cache
         data = signature.encode() + b"\n" + data
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask decides, as for other files
+        # O_EXCL | O_NOFOLLOW: never through a link (or into a file) someone left under that name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)  # the umask decides
         try:
             if os.write(fd, data) != len(data):
                 raise OSError("short write")
