@@ -91,6 +91,41 @@ def test_cancel_never_kills_a_process_a_forged_submission_names(world, stranger)
     assert stranger.poll() is None
 
 
+@pytest.fixture
+def lookalike(world):
+    """A live process that looks like good-b's local job: submitit's controller and a trainer task of
+    good-b's folder (their command lines), the trainer holding good-b's log open."""
+    root, _ = world
+    folder = root / "good-b" / rundir.SUBMITIT_DIR
+    folder.mkdir()
+    script = "import sys, time; f = open(sys.argv[1], 'a'); time.sleep(300)"
+    log = str(root / "good-b" / "log_rank0.txt")
+    ps = {name: subprocess.Popen([sys.executable, "-c", script, log, "-m", module, str(folder)])
+          for name, module in (("controller", "submitit.local._local"), ("trainer", "submitit.core._submit"))}
+    time.sleep(0.5)  # the log opened
+    yield ps
+    for p in ps.values():
+        p.kill()
+        p.wait()
+
+
+def test_a_run_json_naming_another_run_s_job_folder_stops_nothing_of_it(world, lookalike):
+    root, env = world
+    ctl, trainer = lookalike["controller"], lookalike["trainer"]
+    record = json.loads((root / "good-a" / "run.json").read_text())
+    record["submissions"][-1].update(job_id=str(ctl.pid), submitit_folder=str(root / "good-b" / "submitit"),
+                                     **procs.identity(ctl.pid))
+    (root / "good-a" / "run.json").write_text(json.dumps(record))
+    _beat(root / "good-a", phase="training", pid=trainer.pid, job_id=str(ctl.pid), **procs.identity(trainer.pid))
+    assert tla(env, "status", "good-a", "--json", timeout=T).returncode in (0, 3)
+    assert json.loads(tla(env, "status", "good-a", "--json", timeout=T).stdout)[0]["state"] != "RUNNING"
+    one_line_error(tla(env, "signal", "good-a", timeout=T), "nothing sent")
+    proc = tla(env, "cancel", "good-a", timeout=T)
+    assert "nothing to cancel" in proc.stdout, (proc.stdout, proc.stderr)
+    time.sleep(0.3)
+    assert ctl.poll() is None and trainer.poll() is None
+
+
 # ------------------------------------------------------------------------------ writes through links
 
 

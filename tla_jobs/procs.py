@@ -73,3 +73,20 @@ def names_folder(pid: int, module: str, folder: Path) -> bool:
         return False
     want = os.path.realpath(folder)
     return any(os.path.realpath(a) == want for a in args if a.startswith(os.sep))
+
+
+def holds_open(pid: int, folder: Path) -> bool:
+    """The process has a file inside ``folder`` open (a trainer keeps its run's log_rank{N}.txt open for
+    its whole life): what ties a process to one run where its command line names only a shared folder."""
+    want = os.path.realpath(folder) + os.sep
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(want):
+                return True
+        except OSError:
+            continue
+    return False

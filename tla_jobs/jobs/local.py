@@ -104,8 +104,16 @@ TASK = "submitit.core._submit"  # each of its tasks (the trainer's ranks): pytho
 
 
 def folder_of(entry: dict, run_dir: Path) -> Path:
-    """The submitit folder of a job of the run (a sweep's element has the sweep's)."""
-    return Path(entry.get("submitit_folder") or run_dir / rundir.SUBMITIT_DIR)
+    """The submitit folder of a job of the run: its own (RUN/submitit), or for a sweep's element the
+    sweep's beside it (ROOT/.sweep-NAME). A folder run.json names anywhere else (by hand, or a copied
+    record) is not believed: tla would read, and act on, another run's jobs through it."""
+    own = run_dir / rundir.SUBMITIT_DIR
+    named = entry.get("submitit_folder")
+    if not isinstance(named, str) or not named:
+        return own
+    folder = Path(named)
+    beside = os.path.realpath(folder.parent) == os.path.realpath(run_dir.parent)
+    return folder if beside and folder.name.startswith(rundir.SWEEP_DIR.format(name="")) else own
 
 
 def alive(entry: dict, folder: Path) -> bool:
@@ -173,8 +181,8 @@ def cancel(entries: list[dict], run_dir: Path, kill_wait_s: float = KILL_WAIT_S)
 def signal_trainer(run_dir: Path, beat: dict, sig: str, folder: Path) -> None:
     """Send SIG``sig`` to the run's trainer process, named by its live heartbeat, only when that PID is
     provably the trainer: the process started when the heartbeat says (not a later process that got
-    the PID after the trainer ended) and runs submitit's task of this run's job folder ``folder`` (a
-    heartbeat anyone could have written names no other process)."""
+    the PID after the trainer ended), runs submitit's task of this run's job folder ``folder`` and holds
+    a file of the run open (its log), so a heartbeat anyone could have written names no other process."""
     from tla_jobs.errors import TlaError
 
     pid = beat.get("pid")
@@ -186,9 +194,9 @@ def signal_trainer(run_dir: Path, beat: dict, sig: str, folder: Path) -> None:
     if beat.get("pid_start") is None or not procs.same_process(pid, beat):
         raise TlaError(f"process {pid} named by {run_dir.name}'s heartbeat is not its trainer (it did not start when "
                        "the trainer did: the trainer is gone); nothing sent")
-    if not procs.names_folder(pid, TASK, folder):
-        raise TlaError(f"process {pid} named by {run_dir.name}'s heartbeat is not a job of this run (its command "
-                       f"line names no {folder}); nothing sent")
+    if not procs.names_folder(pid, TASK, folder) or not procs.holds_open(pid, run_dir):
+        raise TlaError(f"process {pid} named by {run_dir.name}'s heartbeat is not this run's trainer (its command "
+                       f"line names no {folder}, or it has no file of the run open); nothing sent")
     try:
         os.kill(pid, getattr(signal, f"SIG{sig}"))
     except ProcessLookupError:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tla_jobs import rundir
 from tla_jobs.errors import TlaError
-from tla_jobs.jobs import damage
+from tla_jobs.jobs import damage, local
 
 ERROR_PATTERNS = re.compile(
     r"(Traceback \(most recent call last\)|CUDA out of memory|OutOfMemoryError|NCCL (WARN|error|Error)|"
@@ -23,14 +23,10 @@ def files(run: Path, rank: int | None = None) -> list[Path]:
     out = sorted(rundir.rank_logs(run).values()) if rank is None else [run / rundir.LOG_PATTERN.format(rank=rank)]
     record = damage.record(run)[0] or {}  # a damaged run.json: the trainer's own logs still show
     jobs = record.get("submissions", []) + record.get("evals", [])
-    folders = {run / rundir.SUBMITIT_DIR} | {Path(s["submitit_folder"]) for s in jobs if s.get("submitit_folder")}
-    for folder in sorted(folders):
-        if not folder.is_dir():
-            continue
-        for sub in jobs:  # only this run's jobs: a sweep's folder holds every element's logs
-            if folder == run / rundir.SUBMITIT_DIR and not sub.get("submitit_folder") or \
-                    str(folder) == sub.get("submitit_folder"):
-                out += _submitit_logs(folder, str(sub["job_id"]), rank)
+    for sub in jobs:  # only this run's jobs: a sweep's folder holds every element's logs
+        folder = local.folder_of(sub, run)
+        if folder.is_dir():
+            out += _submitit_logs(folder, str(sub["job_id"]), rank)
     seen: set[Path] = set()
     return [p for p in out if p.is_file() and not (p in seen or seen.add(p))]
 
