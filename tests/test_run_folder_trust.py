@@ -476,6 +476,8 @@ def test_status_of_a_run_with_80000_attempts_ends(world):
     proc = tla(env, "status", "good-a", "--json", timeout=T)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)[0]["attempts"]) == 40_000
+    proc = tla(env, "status", "good-a", timeout=T)  # the table: the newest attempts, and how many more
+    assert proc.returncode == 0 and "39950 earlier attempt(s) not shown" in " ".join(proc.stdout.split())
 
 
 def test_a_second_resume_at_once_fails_cleanly(world):

@@ -21,6 +21,7 @@ from tla_jobs.errors import TlaError
 from tla_jobs.jobs.scheduler import ACTIVE, FINAL
 
 HIDE_AFTER_DAYS = 14  # `tla status` without --all leaves out runs that ended longer ago
+MAX_ATTEMPT_ROWS = 50  # `tla status RUN` shows the newest attempts (--json: all of them)
 DEFAULT_LIMIT = 50  # the table shows this many of the most recent runs (and says how many more there are)
 
 
@@ -80,7 +81,8 @@ def _detail(st) -> None:
     for col in ("#", "job", "restart", "host", "ranks", "started", "checkpoint loaded", "ended because",
                 "epoch reached", "step"):
         t.add_column(col)
-    for i, a in enumerate(st.attempts, 1):
+    first = max(0, len(st.attempts) - MAX_ATTEMPT_ROWS)  # a requeue loop can leave thousands: the newest
+    for i, a in enumerate(st.attempts[first:], first + 1):
         s, e = a["start"], a["end"] or {}
         res = s.get("resumed_from") or {}
         loaded = f"{Path(res['path']).name} (epoch {res.get('epoch')}, step {res.get('step')})" if res else "-"
@@ -89,6 +91,9 @@ def _detail(st) -> None:
             s.get("world_size", "-"), time.strftime("%m-%d %H:%M:%S", time.localtime(s.get("time", 0))), loaded,
             a.get("outcome") or e.get("reason", "-"), e.get("epoch", "-"), e.get("global_step", "-"))))
     console.print(t)
+    if first:
+        console.print(f"({first} earlier attempt(s) not shown; `tla status {escape(st.name)} --json` has every one)",
+                      highlight=False)
     if st.evals:
         ev_table = Table(title=f"eval jobs of {escape(st.name)}")
         for col in ("eval", "job", "which", "checkpoint", "epoch", "sha256", "state", "acc1", "acc5", "error"):
