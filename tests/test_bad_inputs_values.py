@@ -233,6 +233,13 @@ def test_odd_environment_values_are_one_line(world, digits, extra, name):
     assert not (root / "out").exists()
 
 
+def test_a_world_size_without_an_address_to_meet_is_one_line(world, digits):
+    _env, root, _ = world
+    refused(world, ["train", "--output-dir", root / "out", "--dataset", "digits", "--data-path", digits, *NANO],
+            "MASTER_ADDR and MASTER_PORT not set", {"WORLD_SIZE": "2", "RANK": "0"})
+    assert not (root / "out").exists()
+
+
 def test_odd_thread_count_is_refused_before_anything_is_queued(world, digits):
     env, _, _ = world
     refused(world, ["submit", "train", "--name", "thr", "--dataset", "digits", "--data-path", digits, *NANO],

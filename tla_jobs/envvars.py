@@ -112,3 +112,8 @@ def check_trainer_env() -> None:
     local_rank()
     local_world_size(world)
     restart_count()
+    in_job = "SUBMITIT_EXECUTOR" in os.environ or "SLURM_JOB_ID" in os.environ  # these set the address later
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if world > 1 and missing and ("RANK" in os.environ or not in_job):
+        raise TlaError(f"environment: WORLD_SIZE={world} but {' and '.join(missing)} not set: the ranks need an "
+                       "address to meet (torchrun and SLURM jobs set them)")

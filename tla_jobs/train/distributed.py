@@ -75,6 +75,10 @@ def init() -> DistInfo:
         threads = envvars.cpu_threads() or (os.cpu_count() or 1) // max(1, local_world)
         torch.set_num_threads(max(1, threads))
     if world > 1 and not dist.is_initialized():
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+        if missing:  # torchrun and SLURM jobs set them; a hand-set WORLD_SIZE alone cannot rendezvous
+            raise TlaError(f"environment: WORLD_SIZE={world} but {' and '.join(missing)} not set: the ranks need "
+                           "an address to meet (torchrun and SLURM jobs set them)")
         try:
             dist.init_process_group(
                 backend="nccl" if cuda else "gloo",
