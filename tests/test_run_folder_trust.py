@@ -144,17 +144,38 @@ def test_the_trainer_never_writes_through_a_link_out_of_its_folder(tmp_path, dig
     assert outside.read_text() == "mine\n"
 
 
+def _failed(root: Path, name: str, **spec) -> Path:
+    """A run whose training failed (so `tla resume` would submit it again)."""
+    run = make_run(root, name)
+    (run / rundir.ATTEMPTS).write_text(json.dumps({"event": "start", "time": time.time(), "job_id": "4999999"})
+                                       + "\n" + json.dumps({"event": "end", "reason": "error", "time": time.time(),
+                                                            "error": "boom"}) + "\n")
+    (run / rundir.SUMMARY).unlink()
+    record = json.loads((run / rundir.RUN_JSON).read_text())
+    record["spec"].update(spec)
+    (run / rundir.RUN_JSON).write_text(json.dumps(record))
+    return run
+
+
 def test_a_linked_lock_file_is_refused_and_its_target_untouched(world, tmp_path):
     root, env = world
+    run = _failed(root, "failed", dataset="synthetic", data_path="", batch_size=8, synthetic_images=64)
     outside = tmp_path / "outside.lock"
-    before = snapshot(root / "good-a")
-    os.symlink(outside, root / "good-a" / "run.json.lock")
-    one_line_error(tla(env, "resume", "good-a", timeout=T), "run.json.lock")
+    before = snapshot(run)
+    os.symlink(outside, run / "run.json.lock")
+    one_line_error(tla(env, "resume", "failed", timeout=T), "run.json.lock")
     assert not outside.exists()
-    (root / "good-a" / "run.json.lock").unlink()
-    after = snapshot(root / "good-a")
-    after.pop("resume.lock", None)
-    assert after == before
+    (run / "run.json.lock").unlink()
+    assert snapshot(run) == before
+
+
+def test_resume_gets_the_checks_a_submission_gets(world, digits):
+    root, env = world
+    run = _failed(root, "failed", data_path=str(digits), batch_size=64)
+    before = snapshot(run)
+    one_line_error(tla(env, "resume", "failed", "--tasks-per-node", "64", timeout=T), "more than the")
+    one_line_error(tla(env, "resume", "good-a", timeout=T), "has COMPLETED")
+    assert snapshot(run) == before
 
 
 @pytest.mark.parametrize("name", [rundir.SUBMITIT_DIR, rundir.EVALS_DIR, rundir.TENSORBOARD_DIR])

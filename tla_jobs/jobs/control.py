@@ -89,6 +89,7 @@ def cancel(run: str | None = None, sweep: str | None = None, train_only: bool = 
 def resume(run: str, cluster: str | None = None, **overrides) -> tuple[Path, dict]:
     """A new training job for a run that is not live, from its stored spec (it continues from its
     newest good checkpoint), with its own profile or ``cluster`` and the resource overrides."""
+    from tla_jobs.jobs.preflight import preflight, refuse_failed
     from tla_jobs.jobs.state import collect
     from tla_jobs.jobs.submit import submit_train
 
@@ -104,7 +105,12 @@ def resume(run: str, cluster: str | None = None, **overrides) -> tuple[Path, dic
             raise TlaError(f"run {run_dir.name} is {st.state}; `tla cancel {run_dir.name}` first")
         base = profiles.load(cluster) if cluster else profiles.Profile.model_validate(record["profile"])
         profile = apply_overrides(base, **overrides)
+        if st.state == "COMPLETED":
+            raise TlaError(f"run {run_dir.name} has COMPLETED: nothing to resume (to train it longer: `tla train "
+                           f"--output-dir {run_dir} --extend --epochs N` with its recipe)")
         plan = Plan(run_dir.name, run_dir, profile, [{**record["spec"], "resume": ""}])
+        preflight(plan)  # the checks a submission gets: another --tasks-per-node may not fit the data, ...
+        refuse_failed(plan.checks)
         records.update(run_dir, lambda r: (r.update(profile=profile.model_dump(), cancelled=False)))
         return run_dir, submit_train(plan, reason="resume")
 
