@@ -356,7 +356,10 @@ def test_batched_path_sigkill_then_resume_is_exact(digits, tmp_path):
     target, deadline, step = random.Random(7).randint(10, 30), time.time() + 300, 0
     while proc.poll() is None and time.time() < deadline:
         beat = json.loads((killed / "heartbeat.json").read_text()) if (killed / "heartbeat.json").exists() else {}
-        if beat.get("pid") == proc.pid and beat.get("global_step", 0) >= target:
+        # and once a checkpoint of this attempt is on disk: the first heartbeat past the target can come
+        # just before the first save on a loaded machine, and a kill then leaves nothing to resume from
+        if beat.get("pid") == proc.pid and beat.get("global_step", 0) >= target and \
+                (killed / ckpt.LAST).exists():
             proc.send_signal(signal.SIGKILL)
             step = beat["global_step"]
             break
