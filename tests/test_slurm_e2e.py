@@ -276,8 +276,9 @@ def test_failed_job_is_failed_and_logs_show_the_error(env, digits, tmp_path):
     profile = tmp_path / "noretry.yaml"  # max_requeue_failure 0: a failed step is the end of the run
     profile.write_text((Path(__file__).parent / "profiles" / "testslurm.yaml").read_text()
                        .replace("max_requeue_failure: 2", "max_requeue_failure: 0"))
+    # slowed steps: on a loaded machine the job may start before the folder goes, but never finishes first
     out = tla(env, "submit", "train", "--name", "fx", "--cluster", profile, *FAST, "--dataset", "imagefolder",
-              "--data-path", data, "--epochs", "1", "--json", check=True).stdout
+              "--data-path", data, "--epochs", "1", "--step-delay", "0.3", "--json", check=True).stdout
     job = json.loads(out)["job_id"]
     # removed after submission, before the job reads it: renamed away first, so that the job sees the whole
     # folder or none of it (rmtree alone, mid-way, leaves classes missing from one split: another error)
