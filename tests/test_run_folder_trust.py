@@ -420,6 +420,36 @@ def test_checkpoints_verify_says_a_damaged_sidecar_is_damaged(trained, make):
     assert row["sidecar_problem"] and row["verified"] is False
 
 
+@pytest.mark.parametrize("make", [_fifo, _zero, lambda p: p.write_bytes(b"\x00\xff" * 20)],
+                         ids=["fifo", "dev-zero", "binary"])
+def test_checkpoints_says_damage_without_verify_too(trained, make):
+    side = trained / (rundir.CHECKPOINT_LAST + ".sha256")
+    side.unlink()
+    make(side)
+    one_line_error(run_tla("checkpoints", trained, timeout=T), "sidecar")
+    log = trained / rundir.CHECKPOINT_LOG
+    side.unlink()
+    (trained / (rundir.CHECKPOINT_LAST + ".sha256")).write_text("0" * 64 + "  checkpoint_last.pth\n")
+    make(log)
+    proc = run_tla("checkpoints", trained, timeout=T)
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
+    one_line_error(proc, rundir.CHECKPOINT_LOG)
+
+
+@pytest.mark.parametrize("acc", [1e300, -50.0, 100.5])
+def test_an_accuracy_no_run_can_have_is_damage(world, acc):
+    root, env = world
+    rows = [json.loads(x) for x in (root / "good-b" / rundir.METRICS).read_text().splitlines()]
+    rows[-1]["acc1"] = acc
+    (root / "good-b" / rundir.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    beat = json.loads((root / "good-b" / rundir.HEARTBEAT).read_text())
+    beat["progress"]["best"]["acc1"] = acc
+    (root / "good-b" / rundir.HEARTBEAT).write_text(json.dumps(beat))
+    proc = tla(env, "status", "--json", timeout=T)
+    assert proc.returncode == 3 and "good-b" in proc.stderr, proc.stderr
+    assert str(acc) not in tla(env, "report", "--format", "csv", timeout=T).stdout
+
+
 def test_a_fifo_checkpoint_is_not_read(trained):
     _fifo(trained / "checkpoint_epoch7.pth")
     (trained / "checkpoint_epoch7.pth.sha256").write_text("0" * 64 + "  checkpoint_epoch7.pth\n")

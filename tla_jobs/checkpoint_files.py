@@ -154,7 +154,7 @@ def list_checkpoints(run_dir: str | Path, verify: bool = False) -> list[dict]:
     sidecar (bool), logged (bool), verified (with ``verify``, a full read of every file: whether its
     bytes hash to the sidecar's digest; None without ``verify`` or without a sidecar)."""
     run_dir = Path(run_dir)
-    log = {row.get("sha256"): row for row in read_jsonl(run_dir / rundir.CHECKPOINT_LOG)}
+    log = {row.get("sha256"): row for row in read_jsonl(run_dir / rundir.CHECKPOINT_LOG)}  # damage: log_problem()
     rows = []
     for path in run_dir.glob("*.pth"):
         try:
@@ -176,13 +176,22 @@ def list_checkpoints(run_dir: str | Path, verify: bool = False) -> list[dict]:
                                        r["name"]))
 
 
+def log_problem(run_dir: Path) -> str | None:
+    """What is wrong with the run's checkpoints.jsonl (not a regular file, too large, damaged lines); None
+    when it is good or missing."""
+    from tla_jobs.fsutil import read_jsonl_checked
+
+    return read_jsonl_checked(Path(run_dir) / rundir.CHECKPOINT_LOG)[1]
+
+
 def totals(rows: list[dict]) -> dict:
     """Per run (or over any rows): how many checkpoints, their bytes, and how many are damaged (a
     verified mismatch) or have no sidecar."""
     return {
         "count": len(rows),
         "bytes": sum(r["bytes"] for r in rows),
-        "damaged": sum(r["verified"] is False for r in rows),  # checked, and not what the sidecar says
+        # checked and not what the sidecar says, or a sidecar that is there but holds no digest
+        "damaged": sum(r["verified"] is False or bool(r.get("sidecar_problem")) for r in rows),
         "no_sidecar": sum(not r["sidecar"] and not r.get("sidecar_problem") for r in rows),
     }
 

@@ -78,7 +78,7 @@ def checkpoints(
 
 @guard
 def _list(runs, sweep, verify, as_json) -> None:
-    from tla_jobs.checkpoint_files import list_checkpoints, totals
+    from tla_jobs.checkpoint_files import list_checkpoints, log_problem, totals
     from tla_jobs.jobs import records
     from tla_jobs.jobs.artifacts import as_run
 
@@ -93,9 +93,11 @@ def _list(runs, sweep, verify, as_json) -> None:
         typer.echo(json.dumps({"checkpoints": rows, "runs": per_run, "total": overall}))
     else:
         _show(rows, per_run, overall)
-    if overall["damaged"]:
-        raise ChecksFailed(f"{overall['damaged']} checkpoint(s) do not match their sha256 sidecar, or their sidecar "
-                           "is damaged (marked DAMAGED)")
+    logs = [f"{p.name}: {problem}" for p in paths if (problem := log_problem(p))]
+    if overall["damaged"] or logs:
+        said = [f"{overall['damaged']} checkpoint(s) do not match their sha256 sidecar, or their sidecar is damaged "
+                "(marked DAMAGED)"] if overall["damaged"] else []
+        raise ChecksFailed("; ".join(said + logs[:5]))
 
 
 @ckpt_app.command("prune")

@@ -32,6 +32,11 @@ def _real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _percent(v: Any) -> bool:
+    """A top-1/top-5 accuracy: a finite number from 0 to 100 (1e300 or -50 is damage, not a result)."""
+    return _number(v) and 0 <= v <= 100
+
+
 def _int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -115,8 +120,9 @@ def _progress_problem(progress: Any) -> str | None:
         row = progress.get(key)
         if row is None:
             continue
-        if not isinstance(row, dict) or not _opt(row.get("acc1"), _real) or not _opt(row.get("acc5"), _real):
-            return f"progress.{key} is not a row of accuracies"
+        if not isinstance(row, dict) or not all(_opt(row.get(k), _percent) for k in ("acc1", "acc5", "ema_acc1",
+                                                                                     "ema_acc5")):
+            return f"progress.{key} is not a row of accuracies (0-100)"
     if not _opt(progress.get("mean_epoch_s"), _real):
         return "progress.mean_epoch_s is not a number"
     return None
@@ -168,6 +174,8 @@ def eval_result(path: Path) -> tuple[dict | None, str | None]:
         for key in ("acc1", "acc5"):
             if not _opt(v.get(key), _real):
                 return f"{key} is not a number"
+            if not _opt(v.get(key), _percent):
+                return f"{key} is not an accuracy (0-100)"
         if not _opt(v.get("time"), _time):
             return "time is not a time"
         return None
@@ -187,9 +195,9 @@ def _attempt_ok(row: dict) -> bool:
 
 
 def _metric_ok(row: dict) -> bool:
-    return _int(row.get("epoch")) and row["epoch"] >= 0 and _real(row.get("acc1")) and \
-        all(_opt(row.get(k), _real) for k in ("acc5", "val_loss", "train_loss", "epoch_s", "lr", "w_shift",
-                                                *THROUGHPUT))
+    return _int(row.get("epoch")) and row["epoch"] >= 0 and _percent(row.get("acc1")) and \
+        all(_opt(row.get(k), _percent) for k in ("acc5", "ema_acc1", "ema_acc5")) and \
+        all(_opt(row.get(k), _real) for k in ("val_loss", "train_loss", "epoch_s", "lr", "w_shift", *THROUGHPUT))
 
 
 def _rows(path: Path, name: str, ok) -> tuple[list[dict], str | None]:
