@@ -5,6 +5,7 @@ anywhere, and on the real one-machine SLURM cluster what it writes, checks and r
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -35,7 +36,14 @@ def user_dir(world) -> Path:
 
 
 def rows(world) -> dict:
-    return {r["name"]: r for r in json.loads(tla(world, "cluster", "list", "--json", check=True).stdout)}
+    """`tla cluster list --json` by name; it exits 3 (one line naming them) when a profile does not load."""
+    proc = tla(world, "cluster", "list", "--json")
+    listed = {r["name"]: r for r in json.loads(proc.stdout)}
+    bad = sorted(n for n, r in listed.items() if r["error"])
+    assert proc.returncode == (3 if bad else 0), proc.stderr
+    if bad:
+        assert proc.stderr.count("\n") == 1 and ", ".join(bad) in proc.stderr, proc.stderr
+    return listed
 
 
 def no_slurm(world, tmp_path) -> dict:
@@ -81,8 +89,14 @@ def test_a_user_profile_shadows_the_built_in_one(world, tmp_path):
     assert listed["broken"]["executor"] is None and "not valid YAML" in listed["broken"]["error"]
     check = json.loads(tla(world, "cluster", "check", "slurm", "--json", check=True).stdout)
     assert check[0]["detail"] == "slurm: local"
-    table = " ".join(tla(world, "cluster", "list", check=True).stdout.split())
+    proc = tla(world, "cluster", "list")
+    table = " ".join(proc.stdout.split())
     assert "my own [b]slurm[/b]" in table and "invalid" in table  # shown as written, not as markup
+    assert proc.returncode == 3 and "1 profile(s) do not load: broken" in proc.stderr
+    os.mkfifo(user_dir(world) / "fifo.yaml")  # listed as a profile that does not load, never read forever
+    assert "is a FIFO" in rows(world)["fifo"]["error"]
+    assert "is a FIFO" in tla(world, "cluster", "check", "fifo").stderr
+    (user_dir(world) / "fifo.yaml").unlink()
 
     # ./cluster_configs comes before the user's folder; both are listed as shadowed
     work = Path(world["TLA_RUNS"]).parent / "cluster_configs"

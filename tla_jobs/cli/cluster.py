@@ -27,11 +27,17 @@ def cluster_list(
     from rich.markup import escape
     from rich.table import Table
 
+    from tla_jobs.errors import ChecksFailed
     from tla_jobs.jobs import profiles
 
     rows = profiles.listing()
+    bad = [r["name"] for r in rows if r["error"]]
+    # a profile that does not load is listed with its error, and the exit says so (3), as for a damaged run
+    refuse = ChecksFailed(f"{len(bad)} profile(s) do not load: {', '.join(bad[:5])} (the listing says why)")
     if as_json:
         typer.echo(json.dumps(rows))
+        if bad:
+            raise refuse
         return
     table = Table(title=f"profiles (user directory: {escape(str(profiles.user_dir()))})")
     for col in ("name", "executor", "description", "from", "shadows"):
@@ -41,6 +47,8 @@ def cluster_list(
         table.add_row(escape(r["name"]), r["executor"] or "?", desc, escape(r["source"]),
                       escape(", ".join(r["shadows"])))
     console.print(table)
+    if bad:
+        raise refuse
 
 
 @cluster_app.command("init")

@@ -195,7 +195,7 @@ def sources() -> dict[str, list[str]]:
 
     for d in search_dirs():
         try:
-            files = sorted(p for p in d.glob("*.yaml") if p.is_file())
+            files = sorted(p for p in d.glob("*.yaml") if _is_entry(p))
         except OSError:
             continue
         for p in files:
@@ -204,6 +204,12 @@ def sources() -> dict[str, list[str]]:
     for name in packaged_names():
         add(name, BUILT_IN, _real(_packaged_dir() / f"{name}.yaml"))
     return dict(sorted(found.items()))
+
+
+def _is_entry(path: Path) -> bool:
+    """A profile file's name that is there (a FIFO or a device too: listed, and refused when it is read,
+    rather than silently passed over); folders are not."""
+    return os.path.lexists(path) and not path.is_dir()
 
 
 def available() -> list[str]:
@@ -266,13 +272,13 @@ def load(name_or_path: str) -> Profile:
     YAML file."""
     if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
         path = Path(name_or_path).expanduser()
-        if not path.is_file():
+        if not _is_entry(path):
             raise TlaError(f"profile file {path} does not exist")
         return parse(_read(path), str(path), path.stem)
     check_name(name_or_path)
     for d in search_dirs():
         path = d / f"{name_or_path}.yaml"
-        if path.is_file():
+        if _is_entry(path):
             return parse(_read(path), str(path), name_or_path)
     text = _packaged(name_or_path)
     if text is not None:
