@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tla_jobs import rundir
 from tla_jobs.errors import TlaError
-from tla_jobs.fsutil import UnsafeFile, kind_of, read_json, read_jsonl, read_regular_text
+from tla_jobs.fsutil import UnsafeFile, kind_of, read_json, read_jsonl, read_text_checked
 
 WHICH = {rundir.CHECKPOINT_LAST: "last", rundir.CHECKPOINT_PREV: "prev", rundir.CHECKPOINT_BEST: "best"}
 ORDER = {"last": 0, "prev": 1, "best": 2, "epoch": 3, "other": 4}
@@ -44,16 +44,9 @@ def sidecar_checked(path: Path) -> tuple[str | None, str | None]:
     """(digest, None) for a good sidecar of ``path``, (None, None) when there is none, and (None, what
     is wrong) for one that is there but holds no digest: empty, binary, a directory, a FIFO, huge."""
     name = sidecar(path).name
-    try:
-        text = read_regular_text(sidecar(path), 4096)  # "DIGEST  NAME\n": a few dozen bytes
-    except FileNotFoundError:
-        return None, None
-    except UnsafeFile as exc:
-        return None, f"{name} is {exc.what}"
-    except UnicodeDecodeError:
-        return None, f"{name} is not text"
-    except OSError as exc:
-        return None, f"{name} is unreadable ({exc.strerror or exc})"
+    text, problem = read_text_checked(sidecar(path), 4096)  # "DIGEST  NAME\n": a few dozen bytes
+    if text is None:
+        return None, problem
     word = text.split()[0] if text.split() else ""
     if not SHA256_RE.fullmatch(word):
         return None, f"{name} holds no sha256 digest" if word else f"{name} is empty"

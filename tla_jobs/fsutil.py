@@ -215,8 +215,9 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def _read_problem(path: str | Path, limit: int) -> tuple[str | None, str | None]:
-    """(text, None), (None, None) for a missing file, (None, what is wrong)."""
+def read_text_checked(path: str | Path, limit: int) -> tuple[str | None, str | None]:
+    """(text, None), (None, None) for a missing file, (None, what is wrong: not a regular file, larger than
+    ``limit``, a directory, not text, unreadable)."""
     name = Path(path).name
     try:
         return read_regular_text(path, limit), None
@@ -236,7 +237,7 @@ def read_json_checked(path: str | Path, default: Any = None, limit: int = MAX_JS
     """(value, None) for a good file, (default, None) for a missing one, and (default, what is wrong)
     for a file that is there but cannot be used: truncated, empty, not JSON, a directory, unreadable,
     not a regular file, larger than ``limit``."""
-    text, problem = _read_problem(path, limit)
+    text, problem = read_text_checked(path, limit)
     if text is None:
         return default, problem
     if not text.strip():
@@ -258,7 +259,7 @@ def read_jsonl_checked(path: str | Path, limit: int = MAX_JSONL) -> tuple[list[d
     not JSON objects are left out and counted. Parsed as one JSON array when every line is good
     (a single decoder call: `tla status` reads thousands of these)."""
     name = Path(path).name
-    text, problem = _read_problem(path, limit)
+    text, problem = read_text_checked(path, limit)
     if text is None:
         return [], problem
     lines = [ln for ln in text.splitlines() if ln.strip()]
