@@ -219,14 +219,18 @@ def section_data(args, rows: list) -> None:
     def ops():
         return norm(augment(flat, shapes, prow, device=dev), seed=1)
 
-    for _ in range(2):
-        ops()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.data_steps):
-        ops()
-    sync()
-    t_ops = (time.perf_counter() - t0) / args.data_steps
+    def timed(fn) -> float:
+        """Seconds per call of ``fn`` after two warm-up calls, the device synchronised around the timing."""
+        for _ in range(2):
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.data_steps):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / args.data_steps
+
+    t_ops = timed(ops)
     model = timm.create_model(args.trainer_model if not args.quick else "vit_tiny_patch16_224",
                               num_classes=1000, img_size=size).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -240,14 +244,7 @@ def section_data(args, rows: list) -> None:
         loss.backward()
         opt.step()
 
-    for _ in range(2):
-        step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.data_steps):
-        step()
-    sync()
-    t_step = (time.perf_counter() - t0) / args.data_steps
+    t_step = timed(step)
     rows.append(("data: device-side ops", f"batch {len(paths)}, {size}px, rand-m9-mstd0.5-inc1 + erasing",
                  {"ops": f"{t_ops * 1000:.1f} ms/batch", "train step": f"{t_step * 1000:.1f} ms",
                   "share of the step": f"{100 * t_ops / t_step:.1f}% (target <= 10%)"}))
