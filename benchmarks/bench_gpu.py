@@ -16,7 +16,7 @@ Runs from a plain checkout (no install): python benchmarks/bench_gpu.py
 On a GPU machine without network whose Python has torch, timm and typer but not pydantic, submitit,
 etc., bring their wheels along and name the folder (how: docs/benchmarks.md):
     python benchmarks/bench_gpu.py --wheels .gpu/whl --fmnist .gpu/fmnist
-Prints one table and, unless --no-record, appends a dated section to docs/benchmarks.md.
+Prints one table and, unless --no-record or --quick, appends a dated section to docs/benchmarks.md.
 --quick runs every section at toy sizes (a check of the script itself, also on a CPU).
 """
 
@@ -343,7 +343,7 @@ def main() -> None:
         lines.append(f"| {what} | {setting} | " + "; ".join(f"{k}: {v}" for k, v in cells.items()) + " |")
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
-    if not args.no_record:
+    if not args.no_record and not args.quick:  # toy sizes are a check of the script, never figures to keep
         with (ROOT / "docs" / "benchmarks.md").open("a") as f:
             f.write(text)
 
