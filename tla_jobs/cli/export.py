@@ -70,13 +70,14 @@ def export_command(
     fmt = _check_out(out, fmt, force)
     src = locate(target, which, default="best")
     _refuse_run_files(out, src.path)
-    from tla_jobs.train.export import export, load_line  # torch and timm: only now
-
     # one export of a run at a time (a checkpoint outside any run: no folder of tla's to lock in); two
-    # exports to one file never both write it either way (export() links its file into place)
+    # exports to one file never both write it either way (export() links its file into place). Taken
+    # before torch is imported, so that a second export says so at once.
     lock = locked(src.run_dir / "export", wait=False, busy=f"another `tla export` of {src.run_dir.name} is running; "
                   "try again when it has finished") if src.run_dir else contextlib.nullcontext()
     with lock:
+        from tla_jobs.train.export import export, load_line  # torch and timm: only now
+
         meta = export(src.path, out, weights=src.weights, fmt=fmt, force=force)
     line = load_line(meta, str(out))
     if as_json:
