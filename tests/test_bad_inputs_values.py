@@ -233,10 +233,14 @@ def test_odd_environment_values_are_one_line(world, digits, extra, name):
     assert not (root / "out").exists()
 
 
-def test_a_world_size_without_an_address_to_meet_is_one_line(world, digits):
+@pytest.mark.parametrize("extra,fragment", [
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR and MASTER_PORT not set"),
+    ({"LOCAL_RANK": "7"}, "LOCAL_RANK=7 is not below LOCAL_WORLD_SIZE=1"),
+], ids=["no-address", "local-rank"])
+def test_ranks_that_cannot_meet_are_one_line(world, digits, extra, fragment):
     _env, root, _ = world
     refused(world, ["train", "--output-dir", root / "out", "--dataset", "digits", "--data-path", digits, *NANO],
-            "MASTER_ADDR and MASTER_PORT not set", {"WORLD_SIZE": "2", "RANK": "0"})
+            fragment, extra)
     assert not (root / "out").exists()
 
 

@@ -109,8 +109,10 @@ def check_trainer_env() -> None:
     check_job_env()
     world = world_size()
     rank()
-    local_rank()
-    local_world_size(world)
+    local, local_world = local_rank(), local_world_size(world)
+    if "LOCAL_RANK" in os.environ and local >= local_world:
+        raise TlaError(f"environment: LOCAL_RANK={local} is not below LOCAL_WORLD_SIZE={local_world} (the ranks of "
+                       "this node)")
     restart_count()
     in_job = "SUBMITIT_EXECUTOR" in os.environ or "SLURM_JOB_ID" in os.environ  # these set the address later
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
