@@ -180,7 +180,7 @@ def all_runs(root: Path | None = None) -> list[Path]:
         # one stat a run: a listing of 10,000 runs is in `tla status`'s time (a damaged run.json,
         # even a directory, still marks a run)
         base = f"{r}{os.sep}"
-        out += [r / n for n in sorted(names) if _is_run(f"{base}{n}")]
+        out += [r / n for n in sorted(names) if n != "lost+found" and _is_run(f"{base}{n}")]  # a mount's own
     return out
 
 
