@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tla_jobs import rundir
 from tla_jobs.errors import TlaError
-from tla_jobs.fsutil import UnsafeFile, kind_of, read_json, read_jsonl, read_text_checked
+from tla_jobs.fsutil import UnsafeFile, open_regular, read_json, read_jsonl, read_text_checked
 
 WHICH = {rundir.CHECKPOINT_LAST: "last", rundir.CHECKPOINT_PREV: "prev", rundir.CHECKPOINT_BEST: "best"}
 ORDER = {"last": 0, "prev": 1, "best": 2, "epoch": 3, "other": 4}
@@ -62,11 +62,7 @@ def read_sidecar(path: Path) -> str | None:
 def file_sha256(path: Path) -> str:
     """sha256 of a regular file (UnsafeFile for a FIFO or device, whose read would never end)."""
     h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise UnsafeFile(path, kind_of(mode))
+    with os.fdopen(open_regular(path)[0], "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

@@ -44,15 +44,23 @@ def kind_of(mode: int) -> str:
     return _KIND.get(stat.S_IFMT(mode), "not a regular file")
 
 
-def read_regular(path: str | Path, limit: int = MAX_TEXT) -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes. FileNotFoundError when it is missing;
-    UnsafeFile when it is a FIFO, device, socket or directory, or larger than ``limit`` (opened
-    O_NONBLOCK, so that a FIFO answers at once instead of waiting for a writer)."""
+def open_regular(path: str | Path) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of a regular file and its stat. FileNotFoundError when it is missing;
+    UnsafeFile (the descriptor closed) for a FIFO, device, socket or directory. Opened O_NONBLOCK, so
+    that a FIFO answers at once instead of waiting for a writer."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UnsafeFile(path, kind_of(st.st_mode))
+    return fd, st
+
+
+def read_regular(path: str | Path, limit: int = MAX_TEXT) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (open_regular says what else it may raise;
+    UnsafeFile too when it is larger than ``limit``)."""
+    fd, st = open_regular(path)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafeFile(path, kind_of(st.st_mode))
         if st.st_size > limit:
             raise UnsafeFile(path, f"{st.st_size:,} bytes, more than such a file can be ({limit:,})")
         chunks, total = [], 0
@@ -72,11 +80,8 @@ def read_regular(path: str | Path, limit: int = MAX_TEXT) -> bytes:
 def read_tail(path: str | Path, limit: int) -> bytes:
     """At most the last ``limit`` bytes of a regular file (a log: what matters is at its end; a 4 GB
     log or one linked to /dev/zero must not take a `tla logs` down). UnsafeFile for a non-regular file."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd, st = open_regular(path)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafeFile(path, kind_of(st.st_mode))
         start = max(0, st.st_size - limit)
         chunks, total = [], 0
         while total < limit:
@@ -134,6 +139,7 @@ def refuse_links(base: str | Path, path: str | Path) -> None:
                 raise UnsafeFile(here, "a symbolic link: tla writes only inside the run directory")
         except FileNotFoundError:
             return
+
 
 def _fsync_dir(folder: Path) -> None:
     try:
@@ -207,12 +213,12 @@ def atomic_write_bytes(path: str | Path, data: bytes, replace: bool = True) -> N
     _fsync_dir(path.parent)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: str | Path, text: str, replace: bool = True) -> None:
+    atomic_write_bytes(path, text.encode(), replace)
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, replace: bool = True) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", replace)
 
 
 def read_text_checked(path: str | Path, limit: int) -> tuple[str | None, str | None]:

@@ -50,6 +50,29 @@ def refuse_linked_dirs(run_dir: Path) -> None:
         refuse_links(run_dir, run_dir / name)
 
 
+def read_config(run_dir: Path) -> dict | None:
+    """The run's config.yaml as a mapping; None when there is none. One that cannot be used (not a regular
+    file, too large, not YAML, not a mapping) is a TlaError naming it: which recipe trained the folder is
+    then unknown, and a caller must not guess."""
+    import yaml
+
+    from tla_jobs.errors import TlaError
+    from tla_jobs.fsutil import MAX_TEXT, UnsafeFile, read_regular_text
+
+    path = run_dir / CONFIG_YAML
+    try:
+        value = yaml.safe_load(read_regular_text(path, MAX_TEXT))
+    except FileNotFoundError:
+        return None
+    except (UnsafeFile, OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise TlaError(f"{path} is damaged ({getattr(exc, 'what', None) or exc.__class__.__name__}): cannot tell "
+                       "which recipe trained this folder") from None
+    if not isinstance(value, dict):
+        raise TlaError(f"{path} is damaged (not a mapping of option: value): cannot tell which recipe trained "
+                       "this folder")
+    return value
+
+
 def sweep_dir(root: Path, name: str) -> Path:
     return root / SWEEP_DIR.format(name=name)
 

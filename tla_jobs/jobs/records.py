@@ -88,29 +88,22 @@ def adopt(path: Path, profile: dict) -> dict:
     `tla status`): its run.json is written from its config.yaml (the recipe the trainer resolved),
     with no submissions (it was trained outside tla's jobs) and ``profile`` for the jobs to come.
     Never replaces a run.json (one written meanwhile wins)."""
-    import yaml
-
     from tla_jobs.config import TrainConfig
-    from tla_jobs.fsutil import MAX_TEXT, UnsafeFile, atomic_write_bytes, read_regular_text
 
-    source = path / rundir.CONFIG_YAML
+    spec = rundir.read_config(path)
+    if spec is None:
+        raise TlaError(f"{path} has no {rundir.CONFIG_YAML}: cannot tell which recipe trained it")
     try:
-        spec = yaml.safe_load(read_regular_text(source, MAX_TEXT))
         spec = TrainConfig(**{k: v for k, v in spec.items() if k in TrainConfig.model_fields}).model_dump()
-    except FileNotFoundError:
-        raise TlaError(f"{path} has no {rundir.CONFIG_YAML}: cannot tell which recipe trained it") from None
-    except (OSError, UnsafeFile, UnicodeDecodeError, yaml.YAMLError, AttributeError, TypeError, ValueError) as exc:
-        raise TlaError(f"{source} is damaged ({exc.__class__.__name__}): cannot tell which recipe trained "
-                       f"{path.name}") from None
+    except ValueError as exc:  # pydantic's ValidationError: values no TrainConfig takes
+        raise TlaError(f"{path / rundir.CONFIG_YAML} is damaged ({exc.__class__.__name__}): cannot tell which "
+                       f"recipe trained {path.name}") from None
     record = {"name": path.name, "created": time.time(), "version": __version__, "git_commit": git_commit(),
               "kind": "train", "adopted": True, "spec": {**spec, "output_dir": str(path)}, "profile": profile,
               "submissions": [], "evals": []}
     with locked(path / rundir.RUN_JSON):
         try:
-            import json
-
-            atomic_write_bytes(path / rundir.RUN_JSON, (json.dumps(record, indent=2, sort_keys=True, default=str)
-                                                        + "\n").encode(), replace=False)
+            atomic_write_json(path / rundir.RUN_JSON, record, replace=False)
         except FileExistsError:
             pass
     return load(path)

@@ -54,18 +54,8 @@ def refuse_other_recipe(cfg: dict, reference: dict, folder: Path, source: str) -
 
 
 def check_folder(cfg: dict, folder: Path) -> None:
-    """Before anything is written into ``folder``: its config.yaml (when there) has this recipe."""
-    import yaml
-
-    from tla_jobs.fsutil import MAX_TEXT, UnsafeFile, read_regular_text
-
-    path = folder / rundir.CONFIG_YAML
-    try:
-        reference = yaml.safe_load(read_regular_text(path, MAX_TEXT))
-    except FileNotFoundError:
-        return
-    except (UnsafeFile, OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise TlaError(f"{path} is damaged ({getattr(exc, 'what', None) or exc.__class__.__name__}): cannot tell "
-                       "which recipe trained this folder; train into a new --output-dir") from None
-    if isinstance(reference, dict):
+    """Before anything is written into ``folder``: its config.yaml (when there) has this recipe; a damaged
+    one is refused (rundir.read_config), since the recipe that trained the folder is then unknown."""
+    reference = rundir.read_config(folder)
+    if reference is not None:
         refuse_other_recipe(cfg, reference, folder, rundir.CONFIG_YAML)

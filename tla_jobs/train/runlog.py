@@ -118,11 +118,8 @@ class RunLog:
             if not resolved["resume"]:
                 # a later attempt continues from the run's own checkpoints (resume ""), but the run
                 # began from the first attempt's --resume: repeating it must start there too
-                try:
-                    first = yaml.safe_load((self.out / rundir.CONFIG_YAML).read_text()) or {}
-                    resolved["resume"] = str(first.get("resume") or "")
-                except (OSError, yaml.YAMLError, AttributeError):
-                    pass
+                first = rundir.read_config(self.out) or {}  # checked already (recipe.check_folder)
+                resolved["resume"] = str(first.get("resume") or "")
             head = (f"# the resolved config of {self.out.name} (tla {__version__}); repeat it with "
                     "--config FILE --output-dir NEW\n")
             atomic_write_text(self.out / rundir.CONFIG_YAML, head + yaml.safe_dump(resolved, sort_keys=False))
