@@ -97,8 +97,6 @@ def wait_for_slot(run_dir: Path, is_main: bool, on_wait=None, poll_s: float = 1.
         time.sleep(poll_s)
 
 
-process_start, boot_id, identity = procs.process_start, procs.boot_id, procs.identity  # used where jobs are recorded
-
 CONTROLLER = "submitit.local._local"  # the local job's controller: python -m submitit.local._local FOLDER
 TASK = "submitit.core._submit"  # each of its tasks (the trainer's ranks): python -u -m submitit.core._submit FOLDER
 

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from tla_jobs import rundir
+from tla_jobs import procs, rundir
 from tla_jobs.jobs import local, records, sbatch
 from tla_jobs.jobs.plan import Plan, requeue_limits
 from tla_jobs.jobs.profiles import Profile
@@ -81,7 +81,7 @@ def _queueing():
 def _submission(job, reason: str, profile: Profile, extra: dict | None = None) -> dict:
     ident = {}
     if profile.executor == "local" and str(job.job_id).isdigit():
-        ident = local.identity(int(job.job_id))  # a PID alone may later name another process
+        ident = procs.identity(int(job.job_id))  # a PID alone may later name another process
     slurm = profile.executor == "slurm"
     return {"job_id": str(job.job_id), "submitted": time.time(), "executor": profile.executor, "reason": reason,
             **ident,
