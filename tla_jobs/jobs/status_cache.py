@@ -54,7 +54,7 @@ _HOST = socket.gethostname()
 # the modules a status is computed by (artifacts: the label of an eval; slurm: the records from sacct)
 CODE = ("jobs/state.py", "jobs/status_cache.py", "jobs/attempts.py", "jobs/damage.py", "jobs/local.py",
         "jobs/pickles.py", "jobs/retry.py", "jobs/scheduler.py", "jobs/signing.py", "jobs/slurm.py",
-        "jobs/artifacts.py", "rundir.py", "fsutil.py")
+        "jobs/artifacts.py", "rundir.py", "fsutil.py", "procs.py")
 
 
 def _code_stamp() -> str:
